@@ -1,0 +1,240 @@
+"""Frozen configuration objects for every stage of the pipeline.
+
+The library takes these objects; only the command-line module builds them
+from flags. Standard library only, so any module may import this one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Optional, Tuple
+
+METHODS = ("supcon", "simclr", "npairs", "ce")
+CONTRAST_MODES = ("all", "one")
+SUMMATIONS = ("out", "in")
+DENOMINATORS = ("all", "one_positive", "only_negatives")
+AUGMENTATIONS = ("simclr", "randaugment", "autoaugment", "none")
+OPTIMIZERS = ("sgd", "lars", "adamw", "lamb")
+STRATEGIES = ("default", "mirrored", "multi_worker")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+def _check_choice(name: str, value: str, choices: Tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ValueError(f"{name}={value!r} is not one of {list(choices)}.")
+
+
+def _check_positive(name: str, value) -> None:
+  if value is None or value <= 0:
+    raise ValueError(f"{name} must be > 0, got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Arguments of `supcon_tf.supcon_loss` (see its docstring)."""
+  temperature: float = 0.1
+  contrast_mode: str = "all"
+  summation: str = "out"
+  denominator: str = "all"
+  positives_cap: Optional[int] = None
+  scale_by_temperature: bool = True
+  block_size: Optional[int] = None
+
+  def __post_init__(self):
+    _check_positive("temperature", self.temperature)
+    _check_choice("contrast_mode", self.contrast_mode, CONTRAST_MODES)
+    _check_choice("summation", self.summation, SUMMATIONS)
+    _check_choice("denominator", self.denominator, DENOMINATORS)
+    if self.positives_cap is not None and self.positives_cap < 0:
+      raise ValueError(
+          f"positives_cap must be >= 0 or None, got {self.positives_cap}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where images come from and how views are made.
+
+  Attributes:
+    dataset: a TFDS name (`cifar10`, `cifar100`, `imagenet2012`, ...) or
+      `folder:<path>` for a directory with one sub-directory per class.
+    data_dir: TFDS data directory (None = TFDS default / `TFDS_DATA_DIR`).
+    image_size: side of the square images fed to the encoder.
+    num_views: augmented views per image for contrastive methods.
+    augmentation: view policy, one of AUGMENTATIONS.
+    blur: apply Gaussian blur in the SimCLR policy (ImageNet recipe).
+    train_split / eval_split: TFDS split strings.
+    validation_fraction: share of `train_split` held out for choices made in
+      linear evaluation (the test split is reported once, at the end).
+    skip_corrupt: in folder datasets, skip undecodable files (counted)
+      instead of failing.
+  """
+  dataset: str = "cifar10"
+  data_dir: Optional[str] = None
+  image_size: int = 32
+  num_views: int = 2
+  augmentation: str = "simclr"
+  blur: bool = False
+  train_split: str = "train"
+  eval_split: str = "test"
+  validation_fraction: float = 0.1
+  skip_corrupt: bool = False
+  shuffle_buffer: int = 10_000
+
+  def __post_init__(self):
+    _check_positive("image_size", self.image_size)
+    if self.num_views < 1:
+      raise ValueError(f"num_views must be >= 1, got {self.num_views}.")
+    _check_choice("augmentation", self.augmentation, AUGMENTATIONS)
+    if not 0.0 <= self.validation_fraction < 1.0:
+      raise ValueError("validation_fraction must be in [0, 1), got "
+                       f"{self.validation_fraction}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Encoder and projection head.
+
+  Attributes:
+    encoder: `resnet{18,34,50,101,152,200}`.
+    stem: `cifar` (3x3 stride 1, no max-pool) or `imagenet` (7x7/2 + pool).
+    width: channel multiplier of the ResNet.
+    head: `mlp` or `linear` projection head.
+    head_hidden: hidden width of the MLP head (None = representation width).
+    projection_dim: output width of the head (L2-normalised).
+    sync_batch_norm: None = synchronised exactly when there are several
+      replicas; True/False forces it.
+  """
+  encoder: str = "resnet18"
+  stem: str = "cifar"
+  width: float = 1.0
+  head: str = "mlp"
+  head_hidden: Optional[int] = None
+  projection_dim: int = 128
+  sync_batch_norm: Optional[bool] = None
+
+  def __post_init__(self):
+    _check_choice("stem", self.stem, ("cifar", "imagenet"))
+    _check_choice("head", self.head, ("mlp", "linear"))
+    _check_positive("width", self.width)
+    _check_positive("projection_dim", self.projection_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """Optimiser and learning-rate schedule.
+
+  `learning_rate` is the base rate for a global batch of 256; the schedule
+  scales it by global_batch / 256 (linear scaling rule).
+  """
+  name: str = "sgd"
+  learning_rate: float = 0.5
+  momentum: float = 0.9
+  nesterov: bool = False
+  weight_decay: float = 1e-4
+  warmup_epochs: float = 0.0
+  schedule: str = "cosine"
+  scale_by_batch: bool = True
+
+  def __post_init__(self):
+    _check_choice("optimizer", self.name, OPTIMIZERS)
+    _check_choice("schedule", self.schedule, ("cosine", "constant"))
+    _check_positive("learning_rate", self.learning_rate)
+    if self.weight_decay < 0:
+      raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One pretraining (or cross-entropy) run.
+
+  Attributes:
+    method: `supcon`, `simclr`, `npairs` or `ce` (encoder + linear head
+      trained with cross-entropy, same loop).
+    batch_size: global batch size (samples; each has `num_views` views).
+    epochs / steps: length of the run; `steps` wins when set.
+    steps_per_loop: steps run inside one `tf.function` call; checkpoints,
+      summaries and the progress bar update between loops.
+    checkpoint_every: steps between checkpoints (rounded up to loops).
+    jit_compile: XLA-compile the training step.
+    precision: `float32`, `mixed_bfloat16` or `mixed_float16`.
+    deterministic: enable TF op determinism (reproducible, slower).
+  """
+  method: str = "supcon"
+  batch_size: int = 256
+  epochs: float = 10.0
+  steps: Optional[int] = None
+  steps_per_loop: int = 50
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 3
+  jit_compile: bool = False
+  precision: str = "float32"
+  seed: int = 0
+  deterministic: bool = False
+  loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  optimizer: OptimizerConfig = dataclasses.field(
+      default_factory=OptimizerConfig)
+
+  def __post_init__(self):
+    _check_choice("method", self.method, METHODS)
+    _check_choice("precision", self.precision, PRECISIONS)
+    _check_positive("batch_size", self.batch_size)
+    _check_positive("steps_per_loop", self.steps_per_loop)
+    if self.steps is None:
+      _check_positive("epochs", self.epochs)
+    else:
+      _check_positive("steps", self.steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearEvalConfig:
+  """Frozen-encoder linear classifier.
+
+  `learning_rate` and `epochs` are chosen on the validation split held out
+  from the training data; the test split is evaluated once at the end.
+  """
+  epochs: int = 10
+  batch_size: int = 256
+  learning_rate: float = 0.1
+  momentum: float = 0.9
+  weight_decay: float = 0.0
+  augment: bool = False
+  cache_features: bool = True
+  seed: int = 0
+
+  def __post_init__(self):
+    _check_positive("epochs", self.epochs)
+    _check_positive("batch_size", self.batch_size)
+    _check_positive("learning_rate", self.learning_rate)
+
+
+def to_dict(config) -> dict:
+  """A JSON-ready dict of a (nested) config."""
+  return dataclasses.asdict(config)
+
+
+def to_json(config) -> str:
+  return json.dumps(to_dict(config), indent=2, sort_keys=True)
+
+
+def from_dict(cls, values: dict):
+  """Rebuilds a (nested) config written by `to_dict`; unknown keys fail."""
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise ValueError(f"Unknown {cls.__name__} keys: {unknown}.")
+  kwargs = {}
+  for name, value in values.items():
+    sub = _NESTED.get((cls, name))
+    kwargs[name] = from_dict(sub, value) if sub and isinstance(value, dict) else value
+  return cls(**kwargs)
+
+
+_NESTED = {
+    (TrainConfig, "loss"): LossConfig,
+    (TrainConfig, "data"): DataConfig,
+    (TrainConfig, "model"): ModelConfig,
+    (TrainConfig, "optimizer"): OptimizerConfig,
+}

@@ -1,0 +1,442 @@
+"""The supervised contrastive loss (Khosla et al., NeurIPS 2020) and baselines.
+
+One function computes every variant; the variants are arguments. Notation:
+a sample has `views` augmented views; each view fed as an anchor is
+contrasted against every view of every sample in the contrast set except
+itself. Its positives are the other views of its own sample and every view of
+samples that share its label; the rest are negatives.
+
+For one anchor `a` with positives `P(a)`, logits `s = <z_a, z_c> / tau`:
+
+  summation="out" (L_out, paper eq. 2):  -1/|P| sum_p log(exp(s_p) / D_p)
+  summation="in"  (L_in,  paper eq. 3):  -log(1/|P| sum_p exp(s_p) / D_p)
+
+  denominator="all":             D_p = sum over positives and negatives
+  denominator="one_positive":    D_p = exp(s_p) + sum over negatives
+  denominator="only_negatives":  D_p = sum over negatives
+
+and the result is multiplied by `tau` when `scale_by_temperature` (paper
+section 3, keeps gradient magnitudes independent of tau).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+from supcon_tf import distributed
+
+CONTRAST_MODES = ("all", "one")
+SUMMATIONS = ("out", "in")
+DENOMINATORS = ("all", "one_positive", "only_negatives")
+
+
+def supcon_loss(features, labels=None, *, mask=None, temperature=0.1,
+                contrast_mode="all", summation="out", denominator="all",
+                positives_cap=None, scale_by_temperature=True,
+                gather=False):
+  """Per-sample supervised contrastive loss.
+
+  Args:
+    features: `[batch, views, dim]` embeddings, `views >= 1`, any float
+      dtype. They are expected to be L2-normalised along `dim` (a projection
+      head's output); nothing is normalised here. The loss is computed in
+      float32 and is stable for small temperatures and unnormalised inputs
+      (log-sum-exp with the row maximum subtracted).
+    labels: optional class ids `[batch]` (or `[batch, 1]`), integer or
+      integral float, >= 0; or multi-hot `[batch, classes]` of 0/1, in which
+      case two samples are positives when they share at least one label and
+      negatives when they share none (a sample with no label has only its own
+      views as positives).
+    mask: optional explicit `[batch, batch]` positives (nonzero = positive);
+      with `gather=True` it is `[batch, global_batch]`. Its diagonal is
+      ignored: a sample's own other views are always positives. Give at most
+      one of `labels` and `mask`; with neither, every sample is its own class
+      (SimCLR / instance discrimination).
+    temperature: softmax temperature `tau > 0`.
+    contrast_mode: `"all"` (every view is an anchor) or `"one"` (only the
+      first view is).
+    summation: `"out"` (L_out, the paper's choice) or `"in"` (L_in).
+    denominator: `"all"`, `"one_positive"` or `"only_negatives"` (see module
+      docstring).
+    positives_cap: keep at most this many positive *views* per anchor besides
+      the anchor's own augmentations, chosen in batch order; must be a
+      multiple of `views`. Positives dropped by the cap leave the
+      denominator too (paper Supp. Table 5). `None` = no cap.
+    scale_by_temperature: multiply the loss by `temperature`.
+    gather: inside a `tf.distribute` replica context, contrast the local
+      anchors against the global batch gathered from all replicas (gradients
+      flow back through the gather). A no-op on one replica.
+
+  Returns:
+    `[batch]` float32: for each sample, the mean loss over its anchor views
+    that have at least one positive. Policy for anchors without a positive
+    (possible only with one view, or `contrast_mode="one"` and one view, or an
+    explicit mask): they are left out of the mean; a sample none of whose
+    anchors has a positive gets loss 0 and gradient 0. Use
+    `supcon_terms` (or `SupConLoss`, which masks them) to average over the
+    valid samples only, so such samples do not drag the batch mean down. With
+    `denominator="only_negatives"`, an anchor with no negative is treated the
+    same way.
+
+  Raises:
+    ValueError: naming the received value, for a features rank other than 3,
+      `views < 1`, unknown batch or views dimension, labels or mask whose
+      shape does not match the batch, negative or non-integer labels,
+      multi-hot labels other than 0/1, both labels and mask, a temperature
+      <= 0, an unknown mode string, or a cap that is negative or not a
+      multiple of `views`.
+  """
+  loss, _ = supcon_terms(
+      features, labels, mask=mask, temperature=temperature,
+      contrast_mode=contrast_mode, summation=summation,
+      denominator=denominator, positives_cap=positives_cap,
+      scale_by_temperature=scale_by_temperature, gather=gather)
+  return loss
+
+
+def supcon_terms(features, labels=None, *, mask=None, temperature=0.1,
+                 contrast_mode="all", summation="out", denominator="all",
+                 positives_cap=None, scale_by_temperature=True, gather=False):
+  """`supcon_loss` and, per sample, whether any of its anchors counted.
+
+  Arguments as `supcon_loss`.
+
+  Returns:
+    `(loss, valid)`: `[batch]` float32 and `[batch]` bool. The batch loss
+    that is not dragged down by samples without positives is
+    `sum(loss) / max(count_nonzero(valid), 1)` (summed over replicas when
+    gathering).
+  """
+  features, labels, mask, views = _validate(
+      features, labels, mask, temperature, contrast_mode, summation,
+      denominator, positives_cap)
+  batch = tf.shape(features)[0]
+  contrast = features
+  offset = tf.constant(0, tf.int32)
+  if gather:
+    contrast = distributed.all_gather(features)
+    offset = distributed.replica_offset(batch)
+    if labels is not None:
+      labels = distributed.all_gather(labels)
+  same = _same_sample_or_label(labels, mask, batch, tf.shape(contrast)[0],
+                               offset)
+  anchors = features[:, :1] if contrast_mode == "one" else features
+  return _dense_terms(anchors, contrast, same, offset, temperature,
+                      summation, denominator, positives_cap,
+                      scale_by_temperature)
+
+
+def _validate(features, labels, mask, temperature, contrast_mode, summation,
+              denominator, positives_cap):
+  """Checks arguments; returns float32 features and normalised labels/mask."""
+  _validate_options(temperature, contrast_mode, summation, denominator)
+  features = tf.convert_to_tensor(features)
+  if features.shape.rank != 3:
+    raise ValueError(
+        "features must have shape [batch, views, dim] (rank 3); got shape "
+        f"{features.shape}. Stack views with tf.stack(views, axis=1).")
+  batch, views, dim = features.shape
+  if views is None or dim is None:
+    raise ValueError(f"features {features.shape} need a known views and dim "
+                     "dimension.")
+  if views < 1:
+    raise ValueError(f"features need views >= 1; got shape {features.shape}.")
+  if positives_cap is not None and (positives_cap < 0 or
+                                    positives_cap % views):
+    raise ValueError(
+        f"positives_cap={positives_cap} must be >= 0 and a multiple of "
+        f"views={views} (it counts positive views besides the anchor's own).")
+  if not features.dtype.is_floating:
+    raise ValueError(f"features must be floating point, got {features.dtype}.")
+  features = tf.cast(features, tf.float32)
+  if labels is not None and mask is not None:
+    raise ValueError("Give labels or mask, not both.")
+  if labels is not None:
+    labels = _validate_labels(tf.convert_to_tensor(labels), batch,
+                              features.shape)
+  if mask is not None:
+    mask = tf.convert_to_tensor(mask)
+    if (mask.shape.rank != 2 or
+        (batch is not None and mask.shape[0] not in (None, batch))):
+      raise ValueError(
+          f"mask must have shape [batch, batch] = [{batch}, {batch}] (or "
+          f"[batch, global_batch] when gathering); got {mask.shape}.")
+    mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
+  return features, labels, mask, views
+
+
+def _validate_options(temperature, contrast_mode, summation, denominator):
+  for name, value, choices in (("contrast_mode", contrast_mode,
+                                CONTRAST_MODES),
+                               ("summation", summation, SUMMATIONS),
+                               ("denominator", denominator, DENOMINATORS)):
+    if value not in choices:
+      raise ValueError(f"{name}={value!r} is not one of {list(choices)}.")
+  if not isinstance(temperature, tf.Tensor) and not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature!r}.")
+
+
+def _validate_labels(labels, batch, features_shape):
+  """Returns int32 `[batch]` class ids or bool `[batch, classes]` multi-hot."""
+  if labels.shape.rank == 2 and labels.shape[1] == 1:
+    labels = tf.squeeze(labels, 1)
+  if labels.shape.rank not in (1, 2) or (
+      batch is not None and labels.shape[0] not in (None, batch)):
+    raise ValueError(
+        f"labels must be [batch] class ids or [batch, classes] multi-hot with "
+        f"batch = {batch} (features {features_shape}); got {labels.shape}.")
+  if not (labels.dtype.is_integer or labels.dtype.is_floating or
+          labels.dtype == tf.bool):
+    raise ValueError(f"labels must be numeric, got dtype {labels.dtype}.")
+  if labels.shape.rank == 1:
+    if labels.dtype.is_floating:
+      _check(tf.reduce_all(tf.equal(labels, tf.round(labels))),
+             "labels must be integer class ids; got non-integer values "
+             "(pass multi-hot labels as [batch, classes]).", labels)
+    _check(tf.reduce_all(labels >= 0),
+           "labels must be class ids >= 0; got negative values.", labels)
+    return tf.cast(labels, tf.int32)
+  if labels.dtype != tf.bool:
+    _check(tf.reduce_all((labels == 0) | (labels == 1)),
+           "multi-hot labels [batch, classes] must hold only 0 and 1.",
+           labels)
+  return tf.cast(labels, tf.bool)
+
+
+def _check(condition, message, value):
+  """Raises ValueError eagerly; adds a runtime assertion inside graphs."""
+  if tf.executing_eagerly():
+    if not bool(condition.numpy()):
+      raise ValueError(f"{message} Received: {np.asarray(value).tolist()}")
+  else:
+    tf.debugging.Assert(condition, [message, value], summarize=32)
+
+
+def _same_sample_or_label(labels, mask, batch, global_batch, offset):
+  """`[batch, global_batch]` bool: positive candidates at the sample level.
+
+  Includes each sample's own column (offset + row): its other views are
+  always positives.
+  """
+  own = tf.one_hot(offset + tf.range(batch), global_batch, on_value=True,
+                   off_value=False)
+  if mask is not None:
+    return mask | own
+  if labels is None:
+    return own
+  local = labels[offset:offset + batch]
+  if labels.dtype == tf.bool:
+    shared = tf.matmul(tf.cast(local, tf.float32), tf.cast(labels, tf.float32),
+                       transpose_b=True)
+    return (shared > 0) | own
+  return tf.equal(local[:, None], labels[None, :])
+
+
+def _capped(same, own, positives_cap, views):
+  """Keeps the first `positives_cap // views` other samples per row."""
+  others = same & ~own
+  rank = tf.cumsum(tf.cast(others, tf.int32), axis=1)
+  return own | (others & (rank <= positives_cap // views))
+
+
+def _masked_logsumexp(x, keep, axis=-1):
+  """log(sum(exp(x)) over `keep`) and whether anything was kept.
+
+  Never produces inf or NaN, in value or gradient: empty rows give 0.
+  """
+  row_max = tf.stop_gradient(
+      tf.reduce_max(tf.where(keep, x, x.dtype.min), axis, keepdims=True))
+  exp = tf.where(keep, tf.exp(tf.where(keep, x, row_max) - row_max), 0.0)
+  total = tf.reduce_sum(exp, axis, keepdims=True)
+  nonempty = total > 0
+  return (tf.math.log(tf.where(nonempty, total, 1.0)) +
+          tf.where(nonempty, row_max, 0.0)), nonempty
+
+
+def _dense_terms(anchors, contrast, same, offset, temperature, summation,
+                 denominator, positives_cap, scale_by_temperature):
+  """The loss with `[anchor_rows, contrast_rows]` matrices.
+
+  Args:
+    anchors: `[batch, anchor_views, dim]` float32.
+    contrast: `[global_batch, views, dim]` float32.
+    same: `[batch, global_batch]` bool positive candidates (incl. own).
+    offset: scalar int32, global row of local sample 0.
+  """
+  batch, anchor_views = tf.shape(anchors)[0], anchors.shape[1]
+  global_batch, views = tf.shape(contrast)[0], contrast.shape[1]
+  own = tf.one_hot(offset + tf.range(batch), global_batch, on_value=True,
+                   off_value=False)
+  positive = same
+  if positives_cap is not None:
+    positive = _capped(same, own, positives_cap, views)
+
+  def tile(sample_mask):  # [batch, global] -> [batch*Va, global*V]
+    tiled = tf.broadcast_to(sample_mask[:, None, :, None],
+                            [batch, anchor_views, global_batch, views])
+    return tf.reshape(tiled, [batch * anchor_views, global_batch * views])
+
+  self_view = tf.reshape(
+      own[:, None, :, None] & tf.eye(anchor_views, views, dtype=tf.bool)[
+          None, :, None, :], [batch * anchor_views, global_batch * views])
+  positive = tile(positive) & ~self_view
+  negative = tile(~same)
+
+  temperature = tf.cast(temperature, tf.float32)
+  logits = tf.matmul(tf.reshape(anchors, [-1, anchors.shape[2]]),
+                     tf.reshape(contrast, [-1, contrast.shape[2]]),
+                     transpose_b=True) / temperature
+  num_positives = tf.reduce_sum(tf.cast(positive, tf.float32), 1,
+                                keepdims=True)
+  valid = num_positives > 0
+  if denominator == "all":
+    log_denominator, _ = _masked_logsumexp(logits, positive | negative)
+  else:
+    log_negatives, has_negative = _masked_logsumexp(logits, negative)
+    if denominator == "one_positive":
+      log_denominator = tf.where(
+          has_negative, tf.math.reduce_logsumexp(
+              tf.stack([logits, tf.broadcast_to(log_negatives,
+                                                tf.shape(logits))]), 0),
+          logits)
+    else:
+      log_denominator = log_negatives
+      valid &= has_negative
+  log_prob = logits - log_denominator
+  if summation == "out":
+    row_loss = -tf.reduce_sum(tf.where(positive, log_prob, 0.0), 1,
+                              keepdims=True) / tf.maximum(num_positives, 1.0)
+  else:
+    log_sum, _ = _masked_logsumexp(log_prob, positive)
+    row_loss = tf.math.log(tf.maximum(num_positives, 1.0)) - log_sum
+  row_loss = tf.where(valid, row_loss, 0.0)
+  if scale_by_temperature:
+    row_loss *= temperature
+  row_loss = tf.reshape(row_loss, [batch, anchor_views])
+  valid_views = tf.reduce_sum(
+      tf.cast(tf.reshape(valid, [batch, anchor_views]), tf.float32), 1)
+  loss = tf.reduce_sum(row_loss, 1) / tf.maximum(valid_views, 1.0)
+  return loss, valid_views > 0
+
+
+def npairs_loss(features, labels, *, temperature=1.0):
+  """The multi-class N-pairs loss used by the original SupCon Keras notebook.
+
+  One view per sample; the similarity matrix keeps its diagonal, so each
+  sample is its own positive and appears in its own denominator (this is
+  the formulation of `tfa.losses.npairs_loss` applied to
+  `features @ features.T / temperature`, as in the keras.io example). Kept
+  as a baseline to measure against `supcon_loss`.
+
+  Args:
+    features: `[batch, dim]` (or `[batch, 1, dim]`) embeddings, expected
+      L2-normalised; computed in float32.
+    labels: `[batch]` integer class ids.
+    temperature: softmax temperature > 0.
+
+  Returns:
+    `[batch]` float32 softmax cross-entropy of each row against the uniform
+    distribution over the samples sharing its label (itself included).
+  """
+  features = tf.convert_to_tensor(features)
+  if features.shape.rank == 3 and features.shape[1] == 1:
+    features = features[:, 0]
+  if features.shape.rank != 2:
+    raise ValueError("npairs_loss takes features [batch, dim] or "
+                     f"[batch, 1, dim]; got shape {features.shape}.")
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature!r}.")
+  labels = _validate_labels(tf.convert_to_tensor(labels), features.shape[0],
+                            features.shape)
+  if labels.dtype == tf.bool:
+    raise ValueError("npairs_loss takes [batch] class ids, not multi-hot.")
+  features = tf.cast(features, tf.float32)
+  logits = tf.matmul(features, features, transpose_b=True) / temperature
+  targets = tf.cast(tf.equal(labels[:, None], labels[None, :]), tf.float32)
+  targets /= tf.reduce_sum(targets, 1, keepdims=True)
+  return tf.nn.softmax_cross_entropy_with_logits(targets, logits)
+
+
+def _masked(losses, valid):
+  """Attaches `valid` as the Keras mask so reductions skip invalid samples."""
+  keras.backend.set_keras_mask(losses, valid)
+  return losses
+
+
+@keras.saving.register_keras_serializable(package="supcon_tf")
+class SupConLoss(keras.losses.Loss):
+  """Keras wrapper of `supcon_loss`.
+
+  `y_true` holds the labels (`[batch]` ids or `[batch, classes]` multi-hot;
+  pass `None`/zeros-free SimCLR via `supcon_tf.SimCLRLoss`), `y_pred` the
+  embeddings `[batch, views, dim]` with the views of sample `i` in
+  `y_pred[i, 0..views-1]`. Samples without any positive are masked out of
+  the reduction (they neither add loss nor count in the mean); sample
+  weights and every Keras reduction apply as usual.
+
+  Args:
+    temperature, contrast_mode, summation, denominator, positives_cap,
+    scale_by_temperature: as in `supcon_loss`.
+    reduction, name, dtype: as in `keras.losses.Loss`.
+
+  Example:
+    >>> loss = SupConLoss(temperature=0.1)
+    >>> loss(labels, embeddings)  # labels [batch], embeddings [batch, 2, 128]
+  """
+
+  def __init__(self, temperature=0.1, contrast_mode="all", summation="out",
+               denominator="all", positives_cap=None,
+               scale_by_temperature=True, reduction="sum_over_batch_size",
+               name="supcon_loss", dtype=None):
+    super().__init__(name=name, reduction=reduction, dtype=dtype)
+    self.temperature = temperature
+    self.contrast_mode = contrast_mode
+    self.summation = summation
+    self.denominator = denominator
+    self.positives_cap = positives_cap
+    self.scale_by_temperature = scale_by_temperature
+    # Fail at construction, not at the first batch.
+    _validate_options(temperature, contrast_mode, summation, denominator)
+
+  def _loss_kwargs(self):
+    return dict(temperature=self.temperature, contrast_mode=self.contrast_mode,
+                summation=self.summation, denominator=self.denominator,
+                positives_cap=self.positives_cap,
+                scale_by_temperature=self.scale_by_temperature)
+
+  def call(self, y_true, y_pred):
+    return _masked(*supcon_terms(y_pred, y_true, **self._loss_kwargs()))
+
+  def get_config(self):
+    return {**super().get_config(), **self._loss_kwargs()}
+
+
+@keras.saving.register_keras_serializable(package="supcon_tf")
+class SimCLRLoss(SupConLoss):
+  """`SupConLoss` that ignores `y_true`: each sample is its own class."""
+
+  def __init__(self, temperature=0.5, name="simclr_loss", **kwargs):
+    super().__init__(temperature=temperature, name=name, **kwargs)
+
+  def call(self, y_true, y_pred):
+    del y_true
+    return _masked(*supcon_terms(y_pred, None, **self._loss_kwargs()))
+
+
+@keras.saving.register_keras_serializable(package="supcon_tf")
+class NPairsLoss(keras.losses.Loss):
+  """Keras wrapper of `npairs_loss`: `y_true` ids `[batch]`, `y_pred`
+  `[batch, dim]` or `[batch, 1, dim]`."""
+
+  def __init__(self, temperature=1.0, reduction="sum_over_batch_size",
+               name="npairs_loss", dtype=None):
+    super().__init__(name=name, reduction=reduction, dtype=dtype)
+    self.temperature = temperature
+
+  def call(self, y_true, y_pred):
+    return npairs_loss(y_pred, y_true, temperature=self.temperature)
+
+  def get_config(self):
+    return {**super().get_config(), "temperature": self.temperature}
