@@ -1,0 +1,503 @@
+"""View augmentation policies built from stateless TF ops.
+
+Every policy maps one image `[height, width, 3]` (float32 in [0, 1]) and a
+seed `[2]` (int32/int64) to one augmented image `[size, size, 3]` (float32 in
+[0, 1]). All randomness comes from `tf.random.stateless_*` /
+`tf.image.stateless_*` ops keyed by that seed, so a `tf.data` pipeline that
+derives the seed from the element index is reproducible run to run and does
+not depend on the global or op-level TF seeds.
+
+Policies:
+  * `simclr_augment`: the SimCLR / SupCon recipe (random resized crop, flip,
+    colour jitter, grayscale, optional Gaussian blur).
+  * `randaugment`: crop + flip + a RandAugment-style policy over the op set
+    below (`num_ops` ops drawn uniformly, fixed `magnitude`).
+  * `autoaugment`: crop + flip + an AutoAugment-like list of sub-policies over
+    the same op set. It follows the shape of the ImageNet AutoAugment policy
+    but is NOT that exact policy: Equalize and Invert are replaced by
+    AutoContrast and full Solarize, and magnitudes use this module's scale.
+  * `identity` ("none"): resize only.
+
+`make_view_fn` turns a policy name into the per-example function used by
+`supcon_tf.data`.
+"""
+
+import functools
+import math
+from typing import Callable, Optional, Sequence, Tuple
+
+import tensorflow as tf
+
+from supcon_tf import config as config_lib
+
+# Colour jitter strengths of the SupCon / SimCLR CIFAR recipe.
+_BRIGHTNESS = 0.4
+_CONTRAST = 0.4
+_SATURATION = 0.4
+_HUE = 0.1
+_JITTER_PROB = 0.8
+_GRAYSCALE_PROB = 0.2
+_BLUR_PROB = 0.5
+_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
+
+# Largest op strengths (reached at magnitude 10) of the RandAugment op set.
+_MAX_LEVEL = 10.0
+_MAX_ROTATE_DEGREES = 30.0
+_MAX_SHEAR = 0.3
+_MAX_TRANSLATE = 0.3  # Fraction of the image side.
+_MAX_ENHANCE = 0.9  # Enhance factors span [0.1, 1.9].
+_FILL_VALUE = 0.5  # Grey fill for pixels moved in from outside the image.
+
+
+def _to_float(image: tf.Tensor) -> tf.Tensor:
+  """uint8 images to float32 in [0, 1]; float images are only cast."""
+  image = tf.convert_to_tensor(image)
+  if image.dtype.is_integer:
+    return tf.image.convert_image_dtype(image, tf.float32)
+  return tf.cast(image, tf.float32)
+
+
+def _split(seed: tf.Tensor, num: int) -> tf.Tensor:
+  """`num` independent seeds `[num, 2]` from one seed `[2]`."""
+  return tf.random.experimental.stateless_split(seed, num=num)
+
+
+def _uniform(seed: tf.Tensor, low: float = 0.0, high: float = 1.0):
+  return tf.random.stateless_uniform([], seed, minval=low, maxval=high)
+
+
+def _random_sign(seed: tf.Tensor) -> tf.Tensor:
+  return tf.where(_uniform(seed) < 0.5, -1.0, 1.0)
+
+
+def _maybe_apply(fn: Callable[[tf.Tensor], tf.Tensor], image: tf.Tensor,
+                 prob, seed: tf.Tensor) -> tf.Tensor:
+  """Applies `fn` with probability `prob` (python or tensor scalar)."""
+  return tf.cond(_uniform(seed) < prob, lambda: fn(image), lambda: image)
+
+
+def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
+  """Resizes `[h, w, 3]` to `[size, size, 3]`; a no-op when already there."""
+  static = image.shape[:2]
+  if static[0] == size and static[1] == size:
+    return image
+  height_width = tf.shape(image)[:2]
+  same = tf.reduce_all(tf.equal(height_width, size))
+  resized = tf.cond(
+      same, lambda: image,
+      lambda: tf.image.resize(image, [size, size], antialias=True))
+  return tf.ensure_shape(resized, [size, size, 3])
+
+
+def _grayscale_rgb(image: tf.Tensor) -> tf.Tensor:
+  return tf.tile(tf.image.rgb_to_grayscale(image), [1, 1, 3])
+
+
+# ----------------------------------------------------------------------------
+# Geometry shared by all policies.
+
+
+def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, *, size: int,
+                        crop_scale: Tuple[float, float] = (0.2, 1.0),
+                        aspect_ratio: Tuple[float, float] = _ASPECT_RANGE
+                        ) -> tf.Tensor:
+  """Crops a random box and resizes it to `[size, size, 3]`.
+
+  Args:
+    image: `[height, width, 3]` float32.
+    seed: `[2]` int seed.
+    size: output side.
+    crop_scale: range of the box area as a fraction of the image area.
+    aspect_ratio: range of the box width / height.
+
+  Returns:
+    `[size, size, 3]` float32.
+  """
+  whole_image = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4])
+  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(image), bounding_boxes=whole_image, seed=seed,
+      min_object_covered=0.1, aspect_ratio_range=aspect_ratio,
+      area_range=crop_scale, max_attempts=100,
+      use_image_if_no_bounding_boxes=True)
+  crop = tf.slice(image, begin, crop_size)
+  crop = tf.image.resize(crop, [size, size], antialias=True)
+  return tf.ensure_shape(crop, [size, size, 3])
+
+
+def _crop_and_flip(image, seed, size, crop_scale):
+  crop_seed, flip_seed = tf.unstack(_split(seed, 2))
+  image = random_resized_crop(image, crop_seed, size=size,
+                              crop_scale=crop_scale)
+  return tf.image.stateless_random_flip_left_right(image, flip_seed)
+
+
+# ----------------------------------------------------------------------------
+# SimCLR policy.
+
+
+def _color_jitter(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """Brightness, contrast, saturation and hue jitter in a random order."""
+  seeds = _split(seed, 5)
+  brightness = _uniform(seeds[0], 1.0 - _BRIGHTNESS, 1.0 + _BRIGHTNESS)
+  contrast = _uniform(seeds[1], 1.0 - _CONTRAST, 1.0 + _CONTRAST)
+  saturation = _uniform(seeds[2], 1.0 - _SATURATION, 1.0 + _SATURATION)
+  hue = _uniform(seeds[3], -_HUE, _HUE)
+  # Multiplicative brightness, as in torchvision and SimCLR v2.
+  transforms = [
+      lambda x: x * brightness,
+      lambda x: tf.image.adjust_contrast(x, contrast),
+      lambda x: tf.image.adjust_saturation(x, saturation),
+      lambda x: tf.image.adjust_hue(x, hue),
+  ]
+  order = tf.argsort(tf.random.stateless_uniform([4], seeds[4]))
+  for i in range(4):
+    branches = [functools.partial(lambda f, x: tf.clip_by_value(f(x), 0., 1.),
+                                  fn, image) for fn in transforms]
+    image = tf.switch_case(order[i], branches)
+  return image
+
+
+def _gaussian_blur(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
+  """Separable Gaussian blur, kernel ~10% of `size`, sigma in [0.1, 2]."""
+  radius = (size // 10) // 2
+  if radius == 0:
+    return image
+  sigma = _uniform(seed, 0.1, 2.0)
+  x = tf.range(-radius, radius + 1, dtype=tf.float32)
+  kernel = tf.exp(-tf.square(x) / (2.0 * tf.square(sigma)))
+  kernel /= tf.reduce_sum(kernel)
+  # Reflect padding keeps the borders from darkening.
+  padded = tf.pad(image[tf.newaxis],
+                  [[0, 0], [radius, radius], [radius, radius], [0, 0]],
+                  mode="REFLECT")
+  vertical = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, 3, 1])
+  horizontal = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, 3, 1])
+  blurred = tf.nn.depthwise_conv2d(padded, vertical, [1, 1, 1, 1], "VALID")
+  blurred = tf.nn.depthwise_conv2d(blurred, horizontal, [1, 1, 1, 1], "VALID")
+  return blurred[0]
+
+
+def simclr_augment(image: tf.Tensor, seed: tf.Tensor, *, size: int,
+                   blur: bool = False,
+                   crop_scale: Tuple[float, float] = (0.2, 1.0)) -> tf.Tensor:
+  """The SimCLR / SupCon view augmentation.
+
+  Random resized crop (area `crop_scale`, aspect 3/4-4/3) resized to `size`,
+  horizontal flip (p=0.5), colour jitter (p=0.8; brightness, contrast,
+  saturation 0.4, hue 0.1, applied in a random order), grayscale (p=0.2),
+  optionally Gaussian blur (p=0.5, sigma 0.1-2.0, kernel ~10% of `size`).
+
+  Args:
+    image: `[height, width, 3]` uint8 or float32 in [0, 1].
+    seed: `[2]` int seed; equal seeds give equal outputs.
+    size: output side.
+    blur: apply the Gaussian blur (ImageNet recipe; off for CIFAR).
+    crop_scale: range of the crop area as a fraction of the image area.
+
+  Returns:
+    `[size, size, 3]` float32 in [0, 1].
+  """
+  image = _to_float(image)
+  seeds = _split(seed, 6)
+  image = _crop_and_flip(image, seeds[0], size, crop_scale)
+  image = _maybe_apply(lambda x: _color_jitter(x, seeds[1]), image,
+                       _JITTER_PROB, seeds[2])
+  image = _maybe_apply(_grayscale_rgb, image, _GRAYSCALE_PROB, seeds[3])
+  if blur:
+    image = _maybe_apply(lambda x: _gaussian_blur(x, seeds[4], size), image,
+                         _BLUR_PROB, seeds[5])
+  return tf.clip_by_value(image, 0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------
+# RandAugment / AutoAugment op set. Each op maps (image [h, w, 3] in [0, 1],
+# level in [0, 1], seed [2]) to an image; the seed only picks the sign of
+# signed ops.
+
+
+def _blend(degenerate: tf.Tensor, image: tf.Tensor, factor) -> tf.Tensor:
+  """PIL ImageEnhance: factor 0 gives `degenerate`, 1 gives `image`."""
+  return tf.clip_by_value(degenerate + factor * (image - degenerate), 0., 1.)
+
+
+def _enhance_factor(level, seed):
+  return 1.0 + _random_sign(seed) * _MAX_ENHANCE * level
+
+
+def _identity_op(image, level, seed):
+  del level, seed
+  return image
+
+
+def _autocontrast(image, level, seed):
+  del level, seed
+  low = tf.reduce_min(image, axis=[0, 1], keepdims=True)
+  high = tf.reduce_max(image, axis=[0, 1], keepdims=True)
+  spread = high - low
+  # Flat channels are left as they are.
+  scaled = (image - low) / tf.where(spread > 0, spread, 1.0)
+  return tf.where(spread > 0, scaled, image)
+
+
+def _brightness(image, level, seed):
+  return _blend(tf.zeros_like(image), image, _enhance_factor(level, seed))
+
+
+def _color(image, level, seed):
+  return _blend(_grayscale_rgb(image), image, _enhance_factor(level, seed))
+
+
+def _contrast(image, level, seed):
+  mean = tf.reduce_mean(tf.image.rgb_to_grayscale(image))
+  return _blend(tf.fill(tf.shape(image), mean), image,
+                _enhance_factor(level, seed))
+
+
+def _sharpness(image, level, seed):
+  kernel = tf.constant([[1., 1., 1.], [1., 5., 1.], [1., 1., 1.]]) / 13.0
+  kernel = tf.tile(kernel[:, :, tf.newaxis, tf.newaxis], [1, 1, 3, 1])
+  padded = tf.pad(image[tf.newaxis], [[0, 0], [1, 1], [1, 1], [0, 0]],
+                  mode="REFLECT")
+  smooth = tf.nn.depthwise_conv2d(padded, kernel, [1, 1, 1, 1], "VALID")[0]
+  return _blend(smooth, image, _enhance_factor(level, seed))
+
+
+def _solarize(image, level, seed):
+  del seed
+  # Threshold above 1 at level 0 (no pixel inverted), 0 at level 1 (all).
+  threshold = (1.0 - level) * (256.0 / 255.0)
+  return tf.where(image >= threshold, 1.0 - image, image)
+
+
+def _posterize(image, level, seed):
+  del seed
+  # 8 bits at level 0 down to 4 bits at level 1.
+  shift = tf.floor(level * 4.0)
+  step = tf.pow(2.0, shift)
+  quantized = tf.floor(tf.round(image * 255.0) / step) * step
+  return quantized / 255.0
+
+
+def _transform(image: tf.Tensor, matrix: Sequence[tf.Tensor]) -> tf.Tensor:
+  """Projective transform; `matrix` maps output (x, y) to input pixels."""
+  transform = tf.reshape(
+      tf.stack([tf.cast(v, tf.float32) for v in matrix] + [0.0, 0.0]), [1, 8])
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=image[tf.newaxis], transforms=transform,
+      output_shape=tf.shape(image)[:2],
+      fill_value=tf.constant(_FILL_VALUE, tf.float32),
+      interpolation="BILINEAR", fill_mode="CONSTANT")
+  return tf.ensure_shape(out[0], image.shape)
+
+
+def _rotate(image, level, seed):
+  angle = _random_sign(seed) * level * _MAX_ROTATE_DEGREES * (math.pi / 180.0)
+  shape = tf.cast(tf.shape(image), tf.float32)
+  height, width = shape[0] - 1.0, shape[1] - 1.0
+  cos, sin = tf.cos(angle), tf.sin(angle)
+  # Rotation about the image centre.
+  x_offset = (width - (cos * width - sin * height)) / 2.0
+  y_offset = (height - (sin * width + cos * height)) / 2.0
+  return _transform(image, [cos, -sin, x_offset, sin, cos, y_offset])
+
+
+def _shear_x(image, level, seed):
+  shear = _random_sign(seed) * level * _MAX_SHEAR
+  height = tf.cast(tf.shape(image)[0], tf.float32) - 1.0
+  return _transform(image, [1.0, shear, -shear * height / 2.0, 0.0, 1.0, 0.0])
+
+
+def _shear_y(image, level, seed):
+  shear = _random_sign(seed) * level * _MAX_SHEAR
+  width = tf.cast(tf.shape(image)[1], tf.float32) - 1.0
+  return _transform(image, [1.0, 0.0, 0.0, shear, 1.0, -shear * width / 2.0])
+
+
+def _translate_x(image, level, seed):
+  width = tf.cast(tf.shape(image)[1], tf.float32)
+  shift = _random_sign(seed) * level * _MAX_TRANSLATE * width
+  return _transform(image, [1.0, 0.0, -shift, 0.0, 1.0, 0.0])
+
+
+def _translate_y(image, level, seed):
+  height = tf.cast(tf.shape(image)[0], tf.float32)
+  shift = _random_sign(seed) * level * _MAX_TRANSLATE * height
+  return _transform(image, [1.0, 0.0, 0.0, 0.0, 1.0, -shift])
+
+
+_OPS = {
+    "identity": _identity_op,
+    "autocontrast": _autocontrast,
+    "brightness": _brightness,
+    "color": _color,
+    "contrast": _contrast,
+    "sharpness": _sharpness,
+    "solarize": _solarize,
+    "posterize": _posterize,
+    "rotate": _rotate,
+    "shear_x": _shear_x,
+    "shear_y": _shear_y,
+    "translate_x": _translate_x,
+    "translate_y": _translate_y,
+}
+OP_NAMES = tuple(_OPS)
+_OP_FNS = tuple(_OPS.values())
+
+# AutoAugment-like sub-policies: ((op, probability, magnitude 0-10), ...).
+# Modelled on the ImageNet AutoAugment policy with Equalize -> AutoContrast
+# and Invert -> Solarize at magnitude 10; not the exact searched policy.
+AUTOAUGMENT_POLICY = (
+    (("posterize", 0.4, 8), ("rotate", 0.6, 9)),
+    (("solarize", 0.6, 5), ("autocontrast", 0.6, 5)),
+    (("autocontrast", 0.8, 8), ("contrast", 0.6, 3)),
+    (("posterize", 0.6, 7), ("posterize", 0.6, 6)),
+    (("autocontrast", 0.4, 7), ("solarize", 0.2, 4)),
+    (("autocontrast", 0.4, 4), ("rotate", 0.8, 8)),
+    (("solarize", 0.6, 3), ("autocontrast", 0.6, 7)),
+    (("posterize", 0.8, 5), ("autocontrast", 1.0, 2)),
+    (("rotate", 0.2, 3), ("solarize", 0.6, 8)),
+    (("rotate", 0.8, 8), ("color", 0.4, 0)),
+    (("rotate", 0.4, 9), ("autocontrast", 0.6, 2)),
+    (("solarize", 0.6, 10), ("autocontrast", 1.0, 8)),
+    (("color", 0.6, 4), ("contrast", 1.0, 8)),
+    (("rotate", 0.8, 8), ("color", 1.0, 2)),
+    (("color", 0.8, 8), ("solarize", 0.8, 7)),
+    (("sharpness", 0.4, 7), ("solarize", 0.6, 10)),
+    (("shear_x", 0.6, 5), ("autocontrast", 1.0, 9)),
+    (("shear_y", 0.4, 6), ("translate_y", 0.6, 4)),
+    (("translate_x", 0.6, 4), ("brightness", 0.6, 5)),
+    (("sharpness", 0.6, 8), ("shear_x", 0.4, 3)),
+)
+
+
+def _apply_op(image: tf.Tensor, op_index: tf.Tensor, level: tf.Tensor,
+              seed: tf.Tensor) -> tf.Tensor:
+  """Applies op `OP_NAMES[op_index]` (a scalar int32 tensor)."""
+  branches = [functools.partial(fn, image, level, seed) for fn in _OP_FNS]
+  return tf.clip_by_value(tf.switch_case(op_index, branches), 0.0, 1.0)
+
+
+def randaugment(image: tf.Tensor, seed: tf.Tensor, *, size: int,
+                num_ops: int = 2, magnitude: float = 9,
+                crop_scale: Tuple[float, float] = (0.2, 1.0)) -> tf.Tensor:
+  """Random resized crop, flip, then `num_ops` ops drawn from `OP_NAMES`.
+
+  Args:
+    image: `[height, width, 3]` uint8 or float32 in [0, 1].
+    seed: `[2]` int seed.
+    size: output side.
+    num_ops: ops applied in sequence, each drawn uniformly (with repeats).
+    magnitude: strength of every op on a 0-10 scale; signed ops (rotate,
+      shear, translate, enhance) pick their sign at random.
+    crop_scale: range of the crop area as a fraction of the image area.
+
+  Returns:
+    `[size, size, 3]` float32 in [0, 1].
+  """
+  if not 0 <= magnitude <= _MAX_LEVEL:
+    raise ValueError(f"magnitude must be in [0, 10], got {magnitude}.")
+  image = _to_float(image)
+  seeds = _split(seed, num_ops + 2)
+  image = _crop_and_flip(image, seeds[0], size, crop_scale)
+  op_indices = tf.random.stateless_uniform(
+      [num_ops], seeds[1], minval=0, maxval=len(_OP_FNS), dtype=tf.int32)
+  level = tf.constant(magnitude / _MAX_LEVEL, tf.float32)
+  for i in range(num_ops):
+    image = _apply_op(image, op_indices[i], level, seeds[i + 2])
+  return image
+
+
+def autoaugment(image: tf.Tensor, seed: tf.Tensor, *, size: int,
+                crop_scale: Tuple[float, float] = (0.2, 1.0)) -> tf.Tensor:
+  """Random resized crop, flip, then one AutoAugment-like sub-policy.
+
+  The sub-policy is drawn uniformly from `AUTOAUGMENT_POLICY`; each of its
+  two ops is applied with its own probability and magnitude. This is an
+  AutoAugment-like policy over this module's op set, not the exact ImageNet
+  AutoAugment policy.
+
+  Args:
+    image: `[height, width, 3]` uint8 or float32 in [0, 1].
+    seed: `[2]` int seed.
+    size: output side.
+    crop_scale: range of the crop area as a fraction of the image area.
+
+  Returns:
+    `[size, size, 3]` float32 in [0, 1].
+  """
+  image = _to_float(image)
+  seeds = _split(seed, 6)
+  image = _crop_and_flip(image, seeds[0], size, crop_scale)
+  ops = tf.constant([[OP_NAMES.index(op) for op, _, _ in sub]
+                     for sub in AUTOAUGMENT_POLICY], tf.int32)
+  probs = tf.constant([[p for _, p, _ in sub] for sub in AUTOAUGMENT_POLICY],
+                      tf.float32)
+  levels = tf.constant([[m / _MAX_LEVEL for _, _, m in sub]
+                        for sub in AUTOAUGMENT_POLICY], tf.float32)
+  choice = tf.random.stateless_uniform(
+      [], seeds[1], minval=0, maxval=len(AUTOAUGMENT_POLICY), dtype=tf.int32)
+  for i in range(2):
+    op_seed, prob_seed = seeds[2 + 2 * i], seeds[3 + 2 * i]
+    image = _maybe_apply(
+        lambda x, i=i, op_seed=op_seed: _apply_op(
+            x, ops[choice, i], levels[choice, i], op_seed),
+        image, probs[choice, i], prob_seed)
+  return image
+
+
+def identity(image: tf.Tensor, seed: Optional[tf.Tensor] = None, *,
+             size: int) -> tf.Tensor:
+  """No augmentation: resizes to `[size, size, 3]` float32 in [0, 1]."""
+  del seed
+  return _resize(_to_float(image), size)
+
+
+def make_view_fn(policy: str, *, size: int, blur: bool = False,
+                 num_views: int = 2
+                 ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+  """Builds the per-example multi-view augmentation.
+
+  Args:
+    policy: one of `supcon_tf.config.AUGMENTATIONS` (`simclr`, `randaugment`,
+      `autoaugment`, `none`).
+    size: output side of each view.
+    blur: Gaussian blur in the `simclr` policy.
+    num_views: views per image; each gets its own seed (the per-example seed
+      with the view index folded in), so views differ.
+
+  Returns:
+    `fn(image, seed)` mapping `[height, width, 3]` uint8 or float32 in [0, 1]
+    and a `[2]` int seed to views `[num_views, size, size, 3]` float32 in
+    [0, 1].
+
+  Raises:
+    ValueError: unknown `policy`, or `num_views` / `size` below 1.
+  """
+  policies = {
+      "simclr": functools.partial(simclr_augment, size=size, blur=blur),
+      "randaugment": functools.partial(randaugment, size=size),
+      "autoaugment": functools.partial(autoaugment, size=size),
+      "none": functools.partial(identity, size=size),
+  }
+  if policy not in config_lib.AUGMENTATIONS or policy not in policies:
+    raise ValueError(f"Unknown augmentation policy {policy!r}; choose one of "
+                     f"{list(config_lib.AUGMENTATIONS)}.")
+  if num_views < 1:
+    raise ValueError(f"num_views must be >= 1, got {num_views}.")
+  if size < 1:
+    raise ValueError(f"size must be >= 1, got {size}.")
+  augment_one = policies[policy]
+
+  # Plain TF ops throughout (tf.cond / tf.switch_case), so autograph has
+  # nothing to convert; skipping it makes tracing inside Dataset.map faster.
+  @tf.autograph.experimental.do_not_convert
+  def view_fn(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    image = _to_float(image)
+    seed = tf.convert_to_tensor(seed)
+    views = [
+        augment_one(image, tf.random.experimental.stateless_fold_in(seed, v))
+        for v in range(num_views)
+    ]
+    return tf.ensure_shape(tf.stack(views), [num_views, size, size, 3])
+
+  return view_fn

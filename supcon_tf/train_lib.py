@@ -1,0 +1,466 @@
+"""Pretraining with a `tf.distribute` custom training loop.
+
+Every replica encodes its local views; the contrastive loss contrasts the
+local anchors against the embeddings gathered from *all* replicas, and the
+gradient flows back through the gather. Per-replica losses are partial sums
+normalised by the global count, so the optimizer's cross-replica gradient sum
+equals the single-device gradient of the global batch.
+
+Methods: `supcon`, `simclr`, `npairs` (baseline; one view, contrasted within
+each replica's batch) and `ce` (encoder + linear head, cross-entropy), all on
+the same loop so that they compare on identical code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Callable, Optional
+
+import keras
+import tensorflow as tf
+
+from supcon_tf import config as config_lib
+from supcon_tf import data
+from supcon_tf import distributed
+from supcon_tf import losses
+from supcon_tf import models
+from supcon_tf import optimizers
+
+# Flags that may change between a run and its resumption without changing
+# the experiment.
+RESUMABLE_CHANGES = ("steps_per_loop", "checkpoint_every", "keep_checkpoints")
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (non-finite loss, incompatible work dir, ...)."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int
+  loss: float
+  images_per_second: float
+  workdir: str
+
+
+def set_precision(precision: str) -> None:
+  """Sets the Keras global dtype policy (`float32` or a mixed policy)."""
+  keras.mixed_precision.set_global_policy(precision)
+
+
+class Trainer:
+  """Models, optimizer and the distributed step of one run.
+
+  Built under `strategy.scope()`. The training data feed `views
+  [batch, views, H, W, C]` float32 in [0, 1] and `labels [batch]` int32,
+  where `batch` is the per-replica batch.
+
+  Args:
+    config: the run's `TrainConfig`.
+    strategy: any `tf.distribute.Strategy`.
+    num_classes: classes of the dataset (for `ce` and health metrics).
+    input_shape: `(H, W, C)` of the encoder input.
+    steps_per_epoch: optimizer steps per epoch (for the schedule).
+    encoder: optional Keras model `[batch, H, W, C] -> [batch, dim]` used
+      instead of `config.model`'s ResNet.
+  """
+
+  def __init__(self, config: config_lib.TrainConfig,
+               strategy: tf.distribute.Strategy, *, num_classes: int,
+               input_shape, steps_per_epoch: int,
+               encoder: Optional[keras.Model] = None):
+    self.config = config
+    self.strategy = strategy
+    self.num_classes = num_classes
+    self.steps_per_epoch = steps_per_epoch
+    self.total_steps = total_steps(config, steps_per_epoch)
+    previous_policy = keras.mixed_precision.global_policy()
+    set_precision(config.precision)
+    try:
+      with strategy.scope():
+        self.encoder = encoder or models.build_encoder(
+            config.model, input_shape=tuple(input_shape),
+            num_replicas=strategy.num_replicas_in_sync)
+        if config.method == "ce":
+          self.head = keras.layers.Dense(num_classes, dtype="float32",
+                                         name="classifier")
+        else:
+          self.head = models.build_head(config.model)
+        self.head.build(self.encoder.output_shape)
+        optimizer = optimizers.build_optimizer(
+            config.optimizer, global_batch_size=config.batch_size,
+            total_steps=self.total_steps, steps_per_epoch=steps_per_epoch)
+        if config.precision == "mixed_float16":
+          optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        self.optimizer = optimizer
+        self.optimizer.build(self.trainable_variables)
+        self.step = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                name="step")
+    finally:
+      keras.mixed_precision.set_global_policy(previous_policy)
+    self._compiled_step = tf.function(self._replica_step,
+                                      jit_compile=config.jit_compile)
+
+  @property
+  def metric_names(self):
+    if self.config.method == "ce":
+      return ("loss", "accuracy")
+    return ("loss", "positives", "nn_top1")
+
+  @property
+  def trainable_variables(self):
+    return self.encoder.trainable_variables + self.head.trainable_variables
+
+  def learning_rate(self) -> float:
+    lr = self.optimizer.learning_rate
+    return float(lr(self.step) if callable(lr) else lr)
+
+  def loss_terms(self, views, labels, training=True):
+    """Per-replica loss and health metrics.
+
+    Args:
+      views: `[batch, V, H, W, C]`.
+      labels: `[batch]` int.
+
+    Returns:
+      dict of scalars: `loss` (this replica's share: its local sum divided
+      by the global count, so replica shares add up to the global mean),
+      `positives` and `nn_top1` (this replica's mean health metrics).
+    """
+    method = self.config.method
+    if method in ("ce", "npairs"):
+      views = views[:, :1]
+    batch, num_views = tf.shape(views)[0], views.shape[1]
+    images = tf.reshape(views, tf.concat([[-1], tf.shape(views)[2:]], 0))
+    representation = self.encoder(images, training=training)
+    outputs = tf.cast(self.head(representation, training=training),
+                      tf.float32)
+    if method == "ce":
+      per_sample = keras.losses.sparse_categorical_crossentropy(
+          labels, outputs, from_logits=True)
+      valid = tf.ones_like(per_sample, tf.bool)
+      metrics = {"accuracy": tf.reduce_mean(tf.cast(
+          tf.equal(tf.argmax(outputs, -1, output_type=labels.dtype), labels),
+          tf.float32))}
+    else:
+      embeddings = tf.reshape(outputs, [batch, num_views, outputs.shape[-1]])
+      if method == "npairs":
+        per_sample = losses.npairs_loss(
+            embeddings, labels, temperature=self.config.loss.temperature)
+        valid = tf.ones_like(per_sample, tf.bool)
+      else:
+        per_sample, valid = losses.supcon_terms(
+            embeddings, labels if method == "supcon" else None, gather=True,
+            **{k: v for k, v in dataclasses.asdict(self.config.loss).items() if k != "block_size"})  # XXX-TEMP
+      metrics = contrastive_health(embeddings, labels,
+                                   supervised=method != "simclr")
+    count = distributed.all_reduce_sum(
+        tf.reduce_sum(tf.cast(valid, tf.float32)))
+    loss = tf.reduce_sum(per_sample) / tf.maximum(count, 1.0)
+    return dict(loss=loss, **metrics)
+
+  def _replica_step(self, views, labels):
+    with tf.GradientTape() as tape:
+      results = self.loss_terms(views, labels, training=True)
+      loss = results["loss"]
+      if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+        loss = self.optimizer.scale_loss(loss)
+    variables = self.trainable_variables
+    grads = tape.gradient(loss, variables)
+    self.optimizer.apply_gradients(zip(grads, variables))
+    # Health metrics are per-replica means: weight them to average later.
+    replicas = float(self.strategy.num_replicas_in_sync)
+    return {k: v if k == "loss" else v / replicas for k, v in results.items()}
+
+  def distributed_step(self, views, labels):
+    """One step from per-replica inputs; returns globally reduced metrics."""
+    with distributed.replica_device_scope(self.strategy):
+      per_replica = self.strategy.run(self._compiled_step, args=(views, labels))
+    self.step.assign_add(1)
+    return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
+            for k, v in per_replica.items()}
+
+  @tf.function
+  def train_loop(self, iterator, steps):
+    """`steps` steps inside one graph; returns metrics averaged over them."""
+    totals = {k: tf.constant(0.0) for k in self.metric_names}
+    for _ in tf.range(steps):
+      views, labels = next(iterator)
+      metrics = self.distributed_step(views, labels)
+      totals = {k: totals[k] + metrics[k] for k in totals}
+    return {k: v / tf.cast(steps, tf.float32) for k, v in totals.items()}
+
+  def checkpoint(self, **extra) -> tf.train.Checkpoint:
+    return tf.train.Checkpoint(encoder=self.encoder, head=self.head,
+                               optimizer=self.optimizer, step=self.step,
+                               **extra)
+
+
+def contrastive_health(embeddings, labels, supervised=True):
+  """Cheap signals that contrastive training is working (local batch).
+
+  Args:
+    embeddings: `[batch, views, dim]` float32, L2-normalised.
+    labels: `[batch]` int.
+    supervised: positives share labels (else: other views of the sample).
+
+  Returns:
+    `positives`: mean positives per anchor (views of the same sample and,
+    if supervised, same-label samples, within the batch);
+    `nn_top1`: share of first-view anchors whose nearest other embedding is
+    a positive.
+  """
+  batch, views = tf.shape(embeddings)[0], embeddings.shape[1]
+  sample_of_row = tf.repeat(tf.range(batch), views)
+  ids = tf.gather(labels, sample_of_row) if supervised else sample_of_row
+  anchor_ids = labels if supervised else tf.range(batch)
+  rows = tf.reshape(embeddings, [batch * views, -1])
+  similarity = tf.matmul(embeddings[:, 0], rows, transpose_b=True)
+  self_column = tf.one_hot(tf.range(batch) * views, batch * views,
+                           on_value=True, off_value=False)
+  similarity = tf.where(self_column, similarity.dtype.min, similarity)
+  nearest = tf.argmax(similarity, axis=1, output_type=tf.int32)
+  same = tf.equal(anchor_ids[:, None], ids[None, :])
+  return {
+      "positives": tf.reduce_mean(tf.reduce_sum(
+          tf.cast(same & ~self_column, tf.float32), 1)),
+      "nn_top1": tf.reduce_mean(tf.cast(
+          tf.equal(tf.gather(ids, nearest), anchor_ids), tf.float32)),
+  }
+
+
+def total_steps(config: config_lib.TrainConfig, steps_per_epoch: int) -> int:
+  if config.steps is not None:
+    return int(config.steps)
+  return max(1, int(math.ceil(config.epochs * steps_per_epoch)))
+
+
+def check_batch(global_batch: int, replicas: int) -> None:
+  if global_batch % replicas:
+    raise ValueError(
+        f"batch_size={global_batch} is not divisible by the {replicas} "
+        f"replicas; use a multiple of {replicas}, e.g. "
+        f"{replicas * max(1, global_batch // replicas)}.")
+
+
+def check_resumable(workdir: str, config: config_lib.TrainConfig,
+                    name: str = "config.json") -> None:
+  """Writes the run's config, or refuses a resume that changes it."""
+  path = os.path.join(workdir, name)
+  current = config_lib.to_dict(config)
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      stored = json.load(f)
+    changed = sorted(k for k in set(stored) | set(current)
+                     if k not in RESUMABLE_CHANGES and
+                     stored.get(k) != current.get(k))
+    if changed:
+      details = "; ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}"
+                          for k in changed)
+      raise TrainingError(
+          f"{workdir} holds a run with a different configuration ({details}). "
+          "Resuming would silently change the experiment: use a new work dir "
+          "or the stored settings.")
+    return
+  atomic_write(path, config_lib.to_json(config))
+
+
+def atomic_write(path: str, text: str) -> None:
+  """Writes `text` so that `path` is either old or complete, never partial."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    f.write(text)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def _check_writable(workdir: str) -> None:
+  try:
+    tf.io.gfile.makedirs(workdir)
+    probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+    with tf.io.gfile.GFile(probe, "w") as f:
+      f.write("")
+    tf.io.gfile.remove(probe)
+  except (tf.errors.OpError, OSError) as e:
+    raise TrainingError(f"Work dir {workdir} is not writable ({e}). Choose "
+                        "another --workdir or fix its permissions.") from None
+
+
+class CheckpointSaver:
+  """A `CheckpointManager` that is safe under multi-worker training.
+
+  Every worker must take part in saving (it runs collectives); only the
+  chief's files are kept, the others write to a temporary directory.
+  """
+
+  def __init__(self, checkpoint, directory, strategy, max_to_keep):
+    self.chief = distributed.is_chief(strategy)
+    self._tmp = None if self.chief else tempfile.mkdtemp(prefix="ckpt-")
+    self.manager = tf.train.CheckpointManager(
+        checkpoint, directory if self.chief else self._tmp,
+        max_to_keep=max_to_keep)
+    self.reader = tf.train.CheckpointManager(checkpoint, directory,
+                                             max_to_keep=max_to_keep)
+
+  def restore(self):
+    """Restores the newest checkpoint of the chief's directory, if any."""
+    latest = self.reader.latest_checkpoint
+    if latest:
+      try:
+        self.reader.checkpoint.restore(latest).assert_existing_objects_matched()
+      except (AssertionError, ValueError, tf.errors.OpError) as e:
+        raise TrainingError(
+            f"Cannot resume from {latest}: it does not match this model "
+            f"({str(e).splitlines()[0][:300]}). A work dir holds one "
+            "experiment: use a new --workdir.") from None
+    return latest
+
+  def save(self, step: int):
+    path = self.manager.save(checkpoint_number=step)
+    if self._tmp:
+      shutil.rmtree(self._tmp, ignore_errors=True)
+    return path
+
+
+def pretrain(config: config_lib.TrainConfig, workdir: str,
+             strategy: Optional[tf.distribute.Strategy] = None, *,
+             encoder: Optional[keras.Model] = None,
+             dataset_fn: Optional[Callable] = None,
+             stop_at_step: Optional[int] = None,
+             verbose: bool = True) -> TrainResult:
+  """Runs (or resumes) a pretraining run in `workdir`.
+
+  Writes `config.json`, checkpoints under `checkpoints/` (model, optimizer,
+  step and the data iterator, so a resumed run continues on exactly the
+  same batches), and TensorBoard summaries under `train/`. A crash loses at
+  most the steps since the last checkpoint. A non-finite loss stops the run
+  with `TrainingError` before anything is saved over the last good
+  checkpoint.
+
+  Args:
+    config: the run.
+    workdir: directory of the run (created; resumed if it holds one).
+    strategy: defaults to the current (default) strategy.
+    encoder: optional encoder model replacing `config.model`'s ResNet.
+    dataset_fn: optional `fn(input_context) -> tf.data.Dataset` of
+      per-replica `(views, labels)` batches replacing the TFDS pipeline;
+      then `steps` must be set in `config`.
+    stop_at_step: return once this step is reached even if the run is
+      longer (a preemption point; calling again resumes).
+    verbose: show a progress bar.
+
+  Returns:
+    A `TrainResult` with the final step and loss.
+  """
+  strategy = strategy or tf.distribute.get_strategy()
+  replicas = strategy.num_replicas_in_sync
+  check_batch(config.batch_size, replicas)
+  if config.deterministic:
+    tf.config.experimental.enable_op_determinism()
+  keras.utils.set_random_seed(config.seed)
+  _check_writable(workdir)
+  check_resumable(workdir, config)
+
+  if dataset_fn is None:
+    info = data.dataset_info(config.data)
+    num_classes, input_shape = info.num_classes, (
+        config.data.image_size, config.data.image_size, 3)
+    steps_per_epoch = max(1, info.num_train // config.batch_size)
+    views = 1 if config.method in ("ce", "npairs") else config.data.num_views
+
+    def dataset_fn(context):  # pylint: disable=function-redefined
+      return data.pretrain_dataset(
+          config.data, global_batch_size=config.batch_size, seed=config.seed,
+          input_context=context, num_views=views)
+  else:
+    if config.steps is None:
+      raise ValueError("With a custom dataset_fn, set config.steps.")
+    spec = dataset_fn(tf.distribute.InputContext()).element_spec
+    input_shape = spec[0].shape[2:]
+    num_classes = None
+    steps_per_epoch = config.steps
+  trainer = Trainer(config, strategy, num_classes=num_classes,
+                    input_shape=input_shape, steps_per_epoch=steps_per_epoch,
+                    encoder=encoder)
+  dataset = strategy.distribute_datasets_from_function(dataset_fn)
+  iterator = iter(dataset)
+  saver = CheckpointSaver(trainer.checkpoint(iterator=iterator),
+                          os.path.join(workdir, "checkpoints"), strategy,
+                          config.keep_checkpoints)
+  restored = saver.restore()
+  step = int(trainer.step.numpy())
+  if restored and verbose:
+    logging.info("Resumed from %s at step %d.", restored, step)
+  writer = (tf.summary.create_file_writer(os.path.join(workdir, "train"))
+            if saver.chief else tf.summary.create_noop_writer())
+  progress = keras.utils.Progbar(trainer.total_steps, verbose=int(verbose),
+                                 stateful_metrics=["loss", "lr", "img/s"],
+                                 unit_name="step")
+  progress.update(step)
+  loop = max(1, config.steps_per_loop)
+  every = max(loop, config.checkpoint_every)
+  last_saved, metrics = step, {"loss": float("nan")}
+  rate = 0.0
+  end = min(trainer.total_steps, stop_at_step or trainer.total_steps)
+  while step < end:
+    steps = min(loop, end - step)
+    start = time.perf_counter()
+    metrics = {k: float(v) for k, v in
+               trainer.train_loop(iterator, tf.constant(steps)).items()}
+    elapsed = time.perf_counter() - start
+    if not all(math.isfinite(v) for v in metrics.values()):
+      raise TrainingError(
+          f"Non-finite training metrics {metrics} in the steps "
+          f"{step + 1}..{step + steps}; nothing was saved after step "
+          f"{last_saved}. Lower the learning rate or check the inputs.")
+    step += steps
+    rate = steps * config.batch_size / elapsed
+    with writer.as_default(step=step):
+      for name, value in metrics.items():
+        tf.summary.scalar(name, value)
+      tf.summary.scalar("learning_rate", trainer.learning_rate())
+      tf.summary.scalar("images_per_second", rate)
+    progress.update(step, [("loss", metrics["loss"]),
+                           ("lr", trainer.learning_rate()), ("img/s", rate)])
+    if step - last_saved >= every or step >= end:
+      saver.save(step)
+      last_saved = step
+  writer.flush()
+  return TrainResult(step=step, loss=metrics["loss"],
+                     images_per_second=rate, workdir=workdir)
+
+
+def restore_encoder(workdir: str, config: config_lib.TrainConfig,
+                    input_shape=None) -> keras.Model:
+  """The encoder of the newest checkpoint in `workdir` (built on one device).
+
+  Args:
+    workdir: a pretraining work dir.
+    config: its `TrainConfig` (see `load_config`).
+    input_shape: `(H, W, C)`; defaults to the config's image size.
+  """
+  input_shape = input_shape or (config.data.image_size,
+                                config.data.image_size, 3)
+  previous_policy = keras.mixed_precision.global_policy()
+  set_precision(config.precision)
+  try:
+    encoder = models.build_encoder(config.model, input_shape=input_shape,
+                                   num_replicas=1)
+  finally:
+    keras.mixed_precision.set_global_policy(previous_policy)
+  latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+  if latest is None:
+    raise TrainingError(f"No checkpoint in {workdir}/checkpoints.")
+  tf.train.Checkpoint(encoder=encoder).restore(latest).expect_partial()
+  return encoder
+
+
+def load_config(workdir: str, name: str = "config.json"):
+  with tf.io.gfile.GFile(os.path.join(workdir, name)) as f:
+    return config_lib.from_dict(config_lib.TrainConfig, json.load(f))

@@ -1,0 +1,159 @@
+"""Tests for supcon_tf.augment."""
+
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from supcon_tf import augment
+from supcon_tf import config
+
+SIZE = 12
+
+
+def _image(height=14, width=10, seed=(1, 2)):
+  return tf.random.stateless_uniform([height, width, 3], seed)
+
+
+@pytest.mark.parametrize("policy", config.AUGMENTATIONS)
+@pytest.mark.parametrize("dtype", [tf.uint8, tf.float32])
+def test_views_shape_dtype_range_finite(policy, dtype):
+  image = _image()
+  if dtype == tf.uint8:
+    image = tf.cast(image * 255, tf.uint8)
+  fn = augment.make_view_fn(policy, size=SIZE, blur=True, num_views=3)
+  for seed in range(4):
+    views = fn(image, tf.constant([seed, 7], tf.int64)).numpy()
+    assert views.shape == (3, SIZE, SIZE, 3)
+    assert views.dtype == np.float32
+    assert np.all(np.isfinite(views))
+    assert views.min() >= 0.0 and views.max() <= 1.0
+
+
+@pytest.mark.parametrize("policy", ["simclr", "randaugment", "autoaugment"])
+def test_same_seed_same_views_other_seed_differs(policy):
+  fn = tf.function(augment.make_view_fn(policy, size=SIZE, num_views=2))
+  image = _image()
+  first = fn(image, tf.constant([3, 4], tf.int64)).numpy()
+  again = fn(image, tf.constant([3, 4], tf.int64)).numpy()
+  other = fn(image, tf.constant([3, 5], tf.int64)).numpy()
+  np.testing.assert_array_equal(first, again)
+  assert np.abs(first - other).max() > 1e-3
+
+
+@pytest.mark.parametrize("policy", ["simclr", "randaugment", "autoaugment"])
+def test_views_of_one_image_differ(policy):
+  fn = augment.make_view_fn(policy, size=SIZE, num_views=2)
+  views = fn(_image(), tf.constant([0, 1], tf.int64)).numpy()
+  assert np.abs(views[0] - views[1]).mean() > 1e-3
+
+
+def test_none_policy_only_resizes():
+  image = _image(SIZE, SIZE)
+  views = augment.make_view_fn("none", size=SIZE, num_views=2)(
+      image, tf.constant([0, 0]))
+  np.testing.assert_array_equal(views[0].numpy(), image.numpy())
+  np.testing.assert_array_equal(views[1].numpy(), image.numpy())
+  resized = augment.identity(_image(20, 16), size=SIZE)
+  assert resized.shape == (SIZE, SIZE, 3)
+
+
+def test_unknown_policy_lists_choices():
+  with pytest.raises(ValueError, match="simclr.*randaugment.*autoaugment"):
+    augment.make_view_fn("trivialaugment", size=SIZE, num_views=2)
+
+
+def test_deterministic_inside_dataset_map():
+  images = tf.stack([_image(seed=(i, 0)) for i in range(4)])
+  fn = augment.make_view_fn("simclr", size=SIZE, num_views=2)
+
+  def run():
+    ds = tf.data.Dataset.from_tensor_slices(images).enumerate().map(
+        lambda i, x: fn(x, tf.stack([tf.constant(5, tf.int64), i])),
+        num_parallel_calls=2)
+    return np.stack(list(ds.as_numpy_iterator()))
+
+  np.testing.assert_array_equal(run(), run())
+
+
+def test_full_area_crop_keeps_image():
+  image = _image(SIZE, SIZE)
+  crop = augment.random_resized_crop(image, tf.constant([1, 1]), size=SIZE,
+                                     crop_scale=(1.0, 1.0))
+  np.testing.assert_allclose(crop.numpy(), image.numpy(), atol=1e-6)
+
+
+def test_simclr_grayscale_and_jitter_rates():
+  # Grayscale (p=0.2) shows as equal channels; jitter changes colour balance.
+  image = _image(SIZE, SIZE)
+  gray = 0
+  trials = 60
+  fn = tf.function(lambda s: augment.simclr_augment(image, s, size=SIZE))
+  for s in range(trials):
+    out = fn(tf.constant([s, 11])).numpy()
+    gray += np.allclose(out[..., 0], out[..., 1], atol=1e-5) and np.allclose(
+        out[..., 1], out[..., 2], atol=1e-5)
+  assert 2 <= gray <= 25, gray
+
+
+@pytest.mark.parametrize("name", augment.OP_NAMES)
+def test_ops_in_range_and_level_zero_is_identity(name):
+  index = tf.constant(augment.OP_NAMES.index(name))
+  image = _image(SIZE, SIZE)
+  strong = augment._apply_op(image, index, tf.constant(1.0),
+                             tf.constant([2, 3])).numpy()
+  assert strong.shape == (SIZE, SIZE, 3)
+  assert np.all(np.isfinite(strong))
+  assert strong.min() >= 0.0 and strong.max() <= 1.0
+  weak = augment._apply_op(image, index, tf.constant(0.0), tf.constant([2, 3]))
+  if name not in ("autocontrast", "posterize"):  # These act at any level.
+    np.testing.assert_allclose(weak.numpy(), image.numpy(), atol=1e-5)
+  if name != "identity":
+    assert np.abs(strong - image.numpy()).max() > 1e-3
+
+
+def test_solarize_and_posterize_values():
+  image = tf.constant([[[0.0, 0.4, 1.0]]])
+  index = augment.OP_NAMES.index("solarize")
+  full = augment._apply_op(image, tf.constant(index), tf.constant(1.0),
+                           tf.constant([0, 0]))
+  np.testing.assert_allclose(full.numpy(), [[[1.0, 0.6, 0.0]]], atol=1e-6)
+  index = augment.OP_NAMES.index("posterize")
+  four_bits = augment._apply_op(tf.constant([[[0.45, 0.12, 1.0]]]),
+                                tf.constant(index), tf.constant(1.0),
+                                tf.constant([0, 0]))
+  # 4 bits keep multiples of 16 (of 255).
+  np.testing.assert_allclose(four_bits.numpy() * 255, [[[112, 16, 240]]],
+                             atol=1e-3)
+
+
+def test_randaugment_rejects_bad_magnitude():
+  with pytest.raises(ValueError, match="magnitude"):
+    augment.randaugment(_image(), tf.constant([0, 0]), size=SIZE,
+                        magnitude=11)
+
+
+def test_autoaugment_policy_uses_known_ops():
+  for sub_policy in augment.AUTOAUGMENT_POLICY:
+    assert len(sub_policy) == 2
+    for op, prob, magnitude in sub_policy:
+      assert op in augment.OP_NAMES
+      assert 0.0 <= prob <= 1.0 and 0 <= magnitude <= 10
+
+
+def test_blur_smooths():
+  noise = _image(40, 40)
+  blur_views = augment.make_view_fn("simclr", size=40, blur=True, num_views=1)
+  plain_views = augment.make_view_fn("simclr", size=40, blur=False,
+                                     num_views=1)
+  blurred = augment._gaussian_blur(noise, tf.constant([0, 0]), 40).numpy()
+  # Neighbouring pixels become closer after blurring.
+  assert (np.abs(np.diff(blurred, axis=0)).mean() <
+          0.8 * np.abs(np.diff(noise.numpy(), axis=0)).mean())
+  seed = tf.constant([4, 4])
+  assert blur_views(noise, seed).shape == plain_views(noise, seed).shape
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__, "-q"]))

@@ -1,0 +1,35 @@
+"""Shared test set-up: runs before any test module touches TensorFlow."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+# Four logical CPUs let MirroredStrategy tests run 2- and 4-replica
+# training on a CPU-only machine. Must happen before TF initialises devices.
+LOGICAL_CPUS = 4
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration()] * LOGICAL_CPUS)
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: takes more than ~20 s; excluded by -m 'not slow'.")
+
+
+_strategies_made = [0]
+
+
+def make_mirrored(replicas):
+  """A MirroredStrategy over `replicas` logical CPUs.
+
+  Each strategy gets its own collective-key range: strategies of different
+  sizes in one process would otherwise share group keys and abort.
+  """
+  _strategies_made[0] += 1
+  tf.distribute.MirroredStrategy._collective_key_base = (  # pylint: disable=protected-access
+      10_000 * _strategies_made[0])
+  devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+  return tf.distribute.MirroredStrategy(devices[:replicas])

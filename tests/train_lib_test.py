@@ -1,0 +1,209 @@
+"""Tests of the distributed pretraining loop.
+
+The central property: training on R replicas, with the loss contrasting each
+replica's anchors against the globally gathered batch, gives the same loss
+and the same weights as training on one device with the global batch.
+"""
+
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import conftest
+from supcon_tf import config as config_lib
+from supcon_tf import distributed
+from supcon_tf import train_lib
+
+IMAGE = 8
+GLOBAL_BATCH = 8
+VIEWS = 2
+
+
+def tiny_config(method="supcon", precision="float32", schedule="cosine",
+                **train):
+  train = {"steps": 4, "steps_per_loop": 2, "checkpoint_every": 2, **train}
+  return config_lib.TrainConfig(
+      method=method, batch_size=GLOBAL_BATCH, precision=precision,
+      data=config_lib.DataConfig(image_size=IMAGE, num_views=VIEWS),
+      model=config_lib.ModelConfig(encoder="resnet18", width=0.0625,
+                                   projection_dim=8),
+      optimizer=config_lib.OptimizerConfig(name="sgd", learning_rate=0.5,
+                                           weight_decay=0.0,
+                                           schedule=schedule),
+      **train)
+
+
+def global_batch(step, classes=3):
+  rng = np.random.default_rng(step)
+  views = rng.uniform(size=(GLOBAL_BATCH, VIEWS, IMAGE, IMAGE, 3))
+  labels = rng.integers(0, classes, size=GLOBAL_BATCH)
+  return views.astype(np.float32), labels.astype(np.int32)
+
+
+def strategy_for(replicas):
+  if replicas == 1:
+    return tf.distribute.get_strategy()
+  return conftest.make_mirrored(replicas)
+
+
+def make_trainer(replicas, config, initial=None):
+  trainer = train_lib.Trainer(
+      config, strategy_for(replicas), num_classes=3,
+      input_shape=(IMAGE, IMAGE, 3), steps_per_epoch=10)
+  if initial is not None:
+    for var, value in zip(trainer.encoder.weights + trainer.head.weights,
+                          initial):
+      var.assign(value)
+  return trainer
+
+
+def weights(trainer):
+  return [v.numpy() for v in trainer.encoder.weights + trainer.head.weights]
+
+
+def train(trainer, steps):
+  """Feeds replica r rows [r*b, (r+1)*b) of each global batch."""
+  strategy = trainer.strategy
+  replicas = strategy.num_replicas_in_sync
+  local = GLOBAL_BATCH // replicas
+  losses = []
+  for step in range(steps):
+    views, labels = global_batch(step)
+
+    def shard(replica, views=views, labels=labels):
+      rows = slice(replica * local, (replica + 1) * local)
+      return tf.constant(views[rows]), tf.constant(labels[rows])
+
+    if replicas == 1:
+      inputs = shard(0)
+    else:
+      inputs = strategy.experimental_distribute_values_from_function(
+          lambda ctx: shard(ctx.replica_id_in_sync_group))
+    metrics = tf.function(trainer.distributed_step)(*inputs)
+    losses.append(float(metrics["loss"]))
+  return losses
+
+
+@pytest.fixture(scope="module")
+def reference():
+  """One-replica run: initial weights, losses and final weights."""
+  trainer = make_trainer(1, tiny_config())
+  initial = weights(trainer)
+  losses = train(trainer, 3)
+  return initial, losses, weights(trainer)
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_replicas_match_single_device(reference, replicas):
+  initial, losses, final = reference
+  trainer = make_trainer(replicas, tiny_config(), initial)
+  assert all(v.synchronized for v in trainer.encoder.layers
+             if hasattr(v, "synchronized")), "sync BN expected on replicas"
+  got_losses = train(trainer, 3)
+  np.testing.assert_allclose(got_losses, losses, rtol=1e-5, atol=1e-6)
+  for got, want in zip(weights(trainer), final):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_without_gather_differs(reference, monkeypatch):
+  initial, losses, final = reference
+  monkeypatch.setattr(distributed, "all_gather", lambda x: x)
+  monkeypatch.setattr(distributed, "replica_offset",
+                      lambda b: tf.constant(0, tf.int32))
+  trainer = make_trainer(2, tiny_config(), initial)
+  got_losses = train(trainer, 3)
+  assert not np.allclose(got_losses, losses, rtol=1e-3)
+  assert not all(np.allclose(g, w, rtol=1e-3, atol=1e-4)
+                 for g, w in zip(weights(trainer), final))
+
+
+def test_simclr_replicas_match_single_device():
+  single = make_trainer(1, tiny_config("simclr"))
+  initial = weights(single)
+  want = train(single, 2)
+  double = make_trainer(2, tiny_config("simclr"), initial)
+  np.testing.assert_allclose(train(double, 2), want, rtol=1e-5, atol=1e-6)
+  for got, ref in zip(weights(double), weights(single)):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_cross_entropy_replicas_match_single_device():
+  single = make_trainer(1, tiny_config("ce"))
+  initial = weights(single)
+  want = train(single, 2)
+  double = make_trainer(2, tiny_config("ce"), initial)
+  np.testing.assert_allclose(train(double, 2), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_tracks_float32(reference, precision):
+  initial, losses, _ = reference
+  trainer = make_trainer(1, tiny_config(precision=precision), initial)
+  got = train(trainer, 3)
+  assert np.all(np.isfinite(got))
+  np.testing.assert_allclose(got, losses, rtol=0.05, atol=0.05)
+
+
+def synthetic_dataset_fn(context):
+  """Deterministic per-replica `(views, labels)` batches."""
+  def example(i):
+    seed = tf.stack([tf.cast(i, tf.int32), 7])
+    views = tf.random.stateless_uniform([VIEWS, IMAGE, IMAGE, 3], seed)
+    return views, tf.cast(i % 3, tf.int32)
+  batch = context.get_per_replica_batch_size(GLOBAL_BATCH)
+  return (tf.data.Dataset.range(64).shard(context.num_input_pipelines,
+                                          context.input_pipeline_id)
+          .shuffle(16, seed=1).repeat().map(example).batch(batch,
+                                                           drop_remainder=True))
+
+
+def test_pretrain_resume_gives_same_weights(tmp_path):
+  config = tiny_config(deterministic=True)
+  straight = tmp_path / "straight"
+  train_lib.pretrain(config, str(straight), dataset_fn=synthetic_dataset_fn,
+                     verbose=False)
+  resumed = tmp_path / "resumed"
+  first = train_lib.pretrain(config, str(resumed),
+                             dataset_fn=synthetic_dataset_fn, stop_at_step=2,
+                             verbose=False)
+  assert first.step == 2
+  second = train_lib.pretrain(config, str(resumed),
+                              dataset_fn=synthetic_dataset_fn, verbose=False)
+  assert second.step == 4
+  a = train_lib.restore_encoder(str(straight), config, (IMAGE, IMAGE, 3))
+  b = train_lib.restore_encoder(str(resumed), config, (IMAGE, IMAGE, 3))
+  for x, y in zip(a.weights, b.weights):
+    np.testing.assert_array_equal(x.numpy(), y.numpy())
+  assert tf.io.gfile.glob(str(straight / "train" / "events.*"))
+
+
+def test_pretrain_loss_goes_down(tmp_path):
+  config = tiny_config(steps=30, steps_per_loop=10, checkpoint_every=30,
+                       schedule="constant")
+  metrics = []
+  for stop in (10, 20, 30):
+    result = train_lib.pretrain(config, str(tmp_path),
+                                dataset_fn=synthetic_dataset_fn,
+                                stop_at_step=stop, verbose=False)
+    metrics.append(result.loss)
+  assert metrics[-1] < metrics[0], metrics
+
+
+def test_resume_with_changed_config_is_refused(tmp_path):
+  train_lib.pretrain(tiny_config(steps=2), str(tmp_path),
+                     dataset_fn=synthetic_dataset_fn, verbose=False)
+  with pytest.raises(train_lib.TrainingError, match="temperature"):
+    train_lib.pretrain(
+        tiny_config(steps=2, loss=config_lib.LossConfig(temperature=0.5)),
+        str(tmp_path), dataset_fn=synthetic_dataset_fn, verbose=False)
+
+
+def test_batch_not_divisible_by_replicas():
+  with pytest.raises(ValueError, match="not divisible by the 3 replicas"):
+    train_lib.check_batch(8, 3)
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__, "-q"]))
