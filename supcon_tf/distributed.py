@@ -45,7 +45,9 @@ def all_gather(x: tf.Tensor) -> tf.Tensor:
     return x
   if x.dtype in (tf.bfloat16, tf.float16):
     x = tf.cast(x, tf.float32)
-  return ctx.all_gather(x, axis=0)
+  # A fresh op takes the device of the enclosing scope: collectives of
+  # MultiWorkerMirroredStrategy fail on tensors without one (e.g. inputs).
+  return ctx.all_gather(tf.identity(x), axis=0)
 
 
 def replica_offset(local_batch: tf.Tensor) -> tf.Tensor:
@@ -62,7 +64,7 @@ def replica_offset(local_batch: tf.Tensor) -> tf.Tensor:
   ctx = _replica_context()
   if ctx is None:
     return tf.constant(0, tf.int32)
-  sizes = ctx.all_gather(tf.reshape(tf.cast(local_batch, tf.int32), [1]), 0)
+  sizes = all_gather(tf.reshape(tf.cast(local_batch, tf.int32), [1]))
   replica_id = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
   return tf.reduce_sum(sizes[:replica_id])
 

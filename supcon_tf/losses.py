@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from supcon_tf import blockwise
 from supcon_tf import distributed
 
 CONTRAST_MODES = ("all", "one")
@@ -35,7 +36,7 @@ DENOMINATORS = ("all", "one_positive", "only_negatives")
 def supcon_loss(features, labels=None, *, mask=None, temperature=0.1,
                 contrast_mode="all", summation="out", denominator="all",
                 positives_cap=None, scale_by_temperature=True,
-                gather=False):
+                gather=False, block_size=None):
   """Per-sample supervised contrastive loss.
 
   Args:
@@ -68,6 +69,15 @@ def supcon_loss(features, labels=None, *, mask=None, temperature=0.1,
     gather: inside a `tf.distribute` replica context, contrast the local
       anchors against the global batch gathered from all replicas (gradients
       flow back through the gather). A no-op on one replica.
+    block_size: how the `[anchor_rows, contrast_rows]` logits are computed.
+      `None` (automatic): in blocks when there are more than
+      `blockwise.AUTO_MIN_LOGITS` (2048 * 2048) of them and `labels` are
+      class ids or absent, densely otherwise. `0`: always densely. A
+      positive int: in blocks of that many anchor rows (rounded down to whole
+      samples), which needs class ids or no labels. The block path gives the
+      same values and gradients with O(block_size * contrast_rows) memory
+      instead of several O(rows^2) matrices (`supcon_tf.blockwise`); it is
+      not differentiable twice.
 
   Returns:
     `[batch]` float32: for each sample, the mean loss over its anchor views
@@ -86,19 +96,22 @@ def supcon_loss(features, labels=None, *, mask=None, temperature=0.1,
       shape does not match the batch, negative or non-integer labels,
       multi-hot labels other than 0/1, both labels and mask, a temperature
       <= 0, an unknown mode string, or a cap that is negative or not a
-      multiple of `views`.
+      multiple of `views`, a block_size that is not None or an int >= 0, or
+      a positive block_size with multi-hot labels or a mask.
   """
   loss, _ = supcon_terms(
       features, labels, mask=mask, temperature=temperature,
       contrast_mode=contrast_mode, summation=summation,
       denominator=denominator, positives_cap=positives_cap,
-      scale_by_temperature=scale_by_temperature, gather=gather)
+      scale_by_temperature=scale_by_temperature, gather=gather,
+      block_size=block_size)
   return loss
 
 
 def supcon_terms(features, labels=None, *, mask=None, temperature=0.1,
                  contrast_mode="all", summation="out", denominator="all",
-                 positives_cap=None, scale_by_temperature=True, gather=False):
+                 positives_cap=None, scale_by_temperature=True, gather=False,
+                 block_size=None):
   """`supcon_loss` and, per sample, whether any of its anchors counted.
 
   Arguments as `supcon_loss`.
@@ -112,20 +125,52 @@ def supcon_terms(features, labels=None, *, mask=None, temperature=0.1,
   features, labels, mask, views = _validate(
       features, labels, mask, temperature, contrast_mode, summation,
       denominator, positives_cap)
+  _validate_block_size(block_size, labels, mask)
   batch = tf.shape(features)[0]
   contrast = features
   offset = tf.constant(0, tf.int32)
   if gather:
-    contrast = distributed.all_gather(features)
+    # The gather loses static shapes; views and dim are the same everywhere.
+    contrast = tf.ensure_shape(distributed.all_gather(features),
+                               [None] + features.shape[1:])
     offset = distributed.replica_offset(batch)
     if labels is not None:
       labels = distributed.all_gather(labels)
-  same = _same_sample_or_label(labels, mask, batch, tf.shape(contrast)[0],
-                               offset)
+  if mask is not None:
+    _check(tf.equal(tf.shape(mask)[1], tf.shape(contrast)[0]),
+           f"mask must have shape [batch, batch] (or [batch, global_batch] "
+           f"when gathering) for features {features.shape}; got mask of "
+           f"shape {mask.shape}.", tf.shape(mask))
   anchors = features[:, :1] if contrast_mode == "one" else features
-  return _dense_terms(anchors, contrast, same, offset, temperature,
-                      summation, denominator, positives_cap,
-                      scale_by_temperature)
+
+  def dense():
+    same = _same_sample_or_label(labels, mask, batch, tf.shape(contrast)[0],
+                                 offset)
+    return _dense_terms(anchors, contrast, same, offset, temperature,
+                        summation, denominator, positives_cap,
+                        scale_by_temperature)
+
+  def blocks():
+    return blockwise.blockwise_terms(
+        anchors, contrast, labels, offset=offset, temperature=temperature,
+        summation=summation, denominator=denominator,
+        positives_cap=positives_cap,
+        scale_by_temperature=scale_by_temperature,
+        block_size=block_size or None)
+
+  if block_size == 0 or mask is not None or (labels is not None and
+                                              labels.dtype == tf.bool):
+    return dense()
+  if block_size is not None:
+    return blocks()
+  anchor_rows, contrast_rows = anchors.shape[0], contrast.shape[0]
+  if anchor_rows is not None and contrast_rows is not None:
+    logits = anchor_rows * anchors.shape[1] * contrast_rows * views
+    return blocks() if logits > blockwise.AUTO_MIN_LOGITS else dense()
+  # Batch unknown while tracing: decide per call.
+  logits = (tf.shape(anchors, tf.int64)[0] * anchors.shape[1] *
+            tf.shape(contrast, tf.int64)[0] * views)
+  return tf.cond(logits > blockwise.AUTO_MIN_LOGITS, blocks, dense)
 
 
 def _validate(features, labels, mask, temperature, contrast_mode, summation,
@@ -165,6 +210,21 @@ def _validate(features, labels, mask, temperature, contrast_mode, summation,
           f"[batch, global_batch] when gathering); got {mask.shape}.")
     mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
   return features, labels, mask, views
+
+
+def _validate_block_size(block_size, labels, mask):
+  if block_size is not None and (
+      isinstance(block_size, bool) or
+      not isinstance(block_size, (int, np.integer)) or block_size < 0):
+    raise ValueError(
+        f"block_size={block_size!r} must be None (automatic), 0 (dense) or a "
+        "positive int (anchor rows per block).")
+  if block_size and (mask is not None or
+                     labels is not None and labels.dtype == tf.bool):
+    raise ValueError(
+        f"block_size={block_size} needs [batch] class ids or no labels; "
+        "multi-hot labels and explicit masks use the dense path (pass "
+        "block_size=None or 0).")
 
 
 def _validate_options(temperature, contrast_mode, summation, denominator):
@@ -361,7 +421,8 @@ def npairs_loss(features, labels, *, temperature=1.0):
 
 def _masked(losses, valid):
   """Attaches `valid` as the Keras mask so reductions skip invalid samples."""
-  keras.backend.set_keras_mask(losses, valid)
+  # `Loss.__call__` reads this attribute (Keras has no public setter).
+  losses._keras_mask = valid  # pylint: disable=protected-access
   return losses
 
 
@@ -378,7 +439,7 @@ class SupConLoss(keras.losses.Loss):
 
   Args:
     temperature, contrast_mode, summation, denominator, positives_cap,
-    scale_by_temperature: as in `supcon_loss`.
+    scale_by_temperature, block_size: as in `supcon_loss`.
     reduction, name, dtype: as in `keras.losses.Loss`.
 
   Example:
@@ -389,7 +450,7 @@ class SupConLoss(keras.losses.Loss):
   def __init__(self, temperature=0.1, contrast_mode="all", summation="out",
                denominator="all", positives_cap=None,
                scale_by_temperature=True, reduction="sum_over_batch_size",
-               name="supcon_loss", dtype=None):
+               name="supcon_loss", dtype=None, block_size=None):
     super().__init__(name=name, reduction=reduction, dtype=dtype)
     self.temperature = temperature
     self.contrast_mode = contrast_mode
@@ -397,14 +458,17 @@ class SupConLoss(keras.losses.Loss):
     self.denominator = denominator
     self.positives_cap = positives_cap
     self.scale_by_temperature = scale_by_temperature
+    self.block_size = block_size
     # Fail at construction, not at the first batch.
     _validate_options(temperature, contrast_mode, summation, denominator)
+    _validate_block_size(block_size, None, None)
 
   def _loss_kwargs(self):
     return dict(temperature=self.temperature, contrast_mode=self.contrast_mode,
                 summation=self.summation, denominator=self.denominator,
                 positives_cap=self.positives_cap,
-                scale_by_temperature=self.scale_by_temperature)
+                scale_by_temperature=self.scale_by_temperature,
+                block_size=self.block_size)
 
   def call(self, y_true, y_pred):
     return _masked(*supcon_terms(y_pred, y_true, **self._loss_kwargs()))

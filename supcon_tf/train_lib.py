@@ -167,22 +167,22 @@ class Trainer:
     return dict(loss=loss, **metrics)
 
   def _replica_step(self, views, labels):
-    with tf.GradientTape() as tape:
-      results = self.loss_terms(views, labels, training=True)
-      loss = results["loss"]
-      if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-        loss = self.optimizer.scale_loss(loss)
-    variables = self.trainable_variables
-    grads = tape.gradient(loss, variables)
-    self.optimizer.apply_gradients(zip(grads, variables))
+    with distributed.replica_device_scope(self.strategy):
+      with tf.GradientTape() as tape:
+        results = self.loss_terms(views, labels, training=True)
+        loss = results["loss"]
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+          loss = self.optimizer.scale_loss(loss)
+      variables = self.trainable_variables
+      grads = tape.gradient(loss, variables)
+      self.optimizer.apply_gradients(zip(grads, variables))
     # Health metrics are per-replica means: weight them to average later.
     replicas = float(self.strategy.num_replicas_in_sync)
     return {k: v if k == "loss" else v / replicas for k, v in results.items()}
 
   def distributed_step(self, views, labels):
     """One step from per-replica inputs; returns globally reduced metrics."""
-    with distributed.replica_device_scope(self.strategy):
-      per_replica = self.strategy.run(self._compiled_step, args=(views, labels))
+    per_replica = self.strategy.run(self._compiled_step, args=(views, labels))
     self.step.assign_add(1)
     return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
             for k, v in per_replica.items()}
@@ -390,7 +390,13 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
                     encoder=encoder)
   dataset = strategy.distribute_datasets_from_function(dataset_fn)
   iterator = iter(dataset)
-  saver = CheckpointSaver(trainer.checkpoint(iterator=iterator),
+  state = {}
+  if isinstance(iterator, tf.__internal__.tracking.Trackable):
+    state["iterator"] = iterator
+  else:
+    logging.warning("This strategy's input iterator cannot be checkpointed: "
+                    "a resumed run restarts the input stream.")
+  saver = CheckpointSaver(trainer.checkpoint(**state),
                           os.path.join(workdir, "checkpoints"), strategy,
                           config.keep_checkpoints)
   restored = saver.restore()

@@ -5,6 +5,10 @@ replica's anchors against the globally gathered batch, gives the same loss
 and the same weights as training on one device with the global batch.
 """
 
+import json
+import os
+import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -49,8 +53,11 @@ def strategy_for(replicas):
 
 
 def make_trainer(replicas, config, initial=None):
+  """A Trainer on `replicas` logical CPUs (or on a given strategy)."""
+  strategy = (replicas if isinstance(replicas, tf.distribute.Strategy)
+              else strategy_for(replicas))
   trainer = train_lib.Trainer(
-      config, strategy_for(replicas), num_classes=3,
+      config, strategy, num_classes=3,
       input_shape=(IMAGE, IMAGE, 3), steps_per_epoch=10)
   if initial is not None:
     for var, value in zip(trainer.encoder.weights + trainer.head.weights,
@@ -198,6 +205,52 @@ def test_resume_with_changed_config_is_refused(tmp_path):
     train_lib.pretrain(
         tiny_config(steps=2, loss=config_lib.LossConfig(temperature=0.5)),
         str(tmp_path), dataset_fn=synthetic_dataset_fn, verbose=False)
+
+
+def _free_port():
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
+def run_workers(mode, out_dir, workers=2, timeout=240):
+  """Runs `multi_worker_worker.py MODE OUT_DIR` as a loopback cluster."""
+  cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(workers)]}
+  script = os.path.join(os.path.dirname(__file__), "multi_worker_worker.py")
+  procs = []
+  for index in range(workers):
+    env = dict(os.environ, TF_CONFIG=json.dumps(
+        {"cluster": cluster, "task": {"type": "worker", "index": index}}))
+    procs.append(subprocess.Popen(
+        [sys.executable, script, mode, str(out_dir)], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  try:
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+
+
+@pytest.mark.slow
+def test_two_worker_processes_match_one_process(reference, tmp_path):
+  initial, losses, final = reference
+  np.savez(tmp_path / "initial.npz", *initial)
+  run_workers("steps", tmp_path)
+  for task in range(2):
+    got = np.load(tmp_path / f"final-{task}.npz")
+    np.testing.assert_allclose(got["losses"], losses, rtol=1e-5, atol=1e-6)
+    for i, want in enumerate(final):
+      np.testing.assert_allclose(got[f"arr_{i}"], want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_worker_pretrain_writes_chief_checkpoint(tmp_path):
+  run_workers("pretrain", tmp_path)
+  assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
+  losses = [float(np.load(tmp_path / f"loss-{t}.npy")) for t in range(2)]
+  assert np.isfinite(losses).all() and losses[0] == pytest.approx(losses[1])
 
 
 def test_batch_not_divisible_by_replicas():
