@@ -158,7 +158,7 @@ class Trainer:
       else:
         per_sample, valid = losses.supcon_terms(
             embeddings, labels if method == "supcon" else None, gather=True,
-            **{k: v for k, v in dataclasses.asdict(self.config.loss).items() if k != "block_size"})  # XXX-TEMP
+            **dataclasses.asdict(self.config.loss))
       metrics = contrastive_health(embeddings, labels,
                                    supervised=method != "simclr")
     count = distributed.all_reduce_sum(

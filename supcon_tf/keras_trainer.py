@@ -1,0 +1,242 @@
+"""A `keras.Model` that trains SupCon with `compile()` / `fit()`.
+
+`SupConModel` wraps an encoder and a projection head. Compiled with a
+`supcon_tf.SupConLoss` (or `SimCLRLoss`), its `train_step` computes the loss
+exactly as the custom loop of `supcon_tf.train_lib` does: each replica's
+anchors are contrasted against the batch gathered from every replica, and
+each replica's loss is its local sum divided by the global count of valid
+samples, so the gradients Keras sums across replicas equal the gradient of
+the same global batch on one device.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from supcon_tf import distributed
+from supcon_tf import losses as losses_lib
+
+# Reductions of a compiled SupConLoss that SupConModel reproduces globally.
+_MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")
+_REDUCTIONS = _MEAN_REDUCTIONS + ("mean_with_sample_weight", "sum")
+
+
+@keras.saving.register_keras_serializable(package="supcon_tf")
+class SupConModel(keras.Model):
+  """Encoder + projection head whose `fit` contrasts the global batch.
+
+  Views layout: the model takes `views [batch, V, H, W, C]` (or `[batch, H,
+  W, C]`, read as `V = 1`) and returns float32 embeddings `y_pred [batch, V,
+  dim]`, where `y_pred[i, v]` is view `v` of sample `i`. All `batch * V`
+  images go through the encoder as one batch, so batch normalisation sees
+  every view.
+
+  Training data are `(views, labels)` or `(views, labels, sample_weight)`
+  with `labels [batch]` class ids (or `[batch, classes]` multi-hot) and
+  `sample_weight [batch]`, one weight per sample.
+
+  Loss: when the compiled loss is a `SupConLoss` (or `SimCLRLoss`, which
+  ignores the labels), the loss is computed with `supcon_terms(...,
+  gather=True)` using the compiled loss's settings: under a
+  `tf.distribute` strategy every replica contrasts its local anchors against
+  the global batch, and the loss is normalised by global counts. Its
+  reduction is honoured over the global batch: `"sum_over_batch_size"` /
+  `"mean"` divide the weighted sum by the global number of samples that
+  have a positive, `"mean_with_sample_weight"` by the global sum of their
+  weights, `"sum"` not at all (`compile(loss_weights=...)` is not applied).
+  The reported `loss` is the global value, the same as on one device. Any
+  other compiled loss goes through Keras's `compute_loss` on `(labels,
+  y_pred)` unchanged. For replicated training to match one device exactly,
+  the encoder also needs synchronised batch norm
+  (`supcon_tf.models.resnet(..., sync_batch_norm=True)` or
+  `build_encoder(..., num_replicas=R)`).
+
+  `SupConLoss` also works with `compile()` on ANY Keras model whose output
+  is `[batch, views, dim]` laid out as above, through the ordinary Keras
+  loss path; such a model contrasts each replica's local batch only. Only
+  `SupConModel` gathers across replicas.
+
+  Mixed precision: build the model under a mixed global policy;
+  `compile()` wraps the optimizer in a `LossScaleOptimizer` for
+  `mixed_float16`, and the loss is computed in float32.
+
+  Args:
+    encoder: Keras model mapping images `[batch, H, W, C]` to
+      representations `[batch, rep_dim]`.
+    head: layer mapping `[batch, rep_dim]` to embeddings `[batch, dim]`,
+      normally a `supcon_tf.models.ProjectionHead` (L2-normalised output).
+    **kwargs: base `keras.Model` arguments (`name`, ...).
+
+  Example:
+
+  ```python
+  strategy = tf.distribute.MirroredStrategy()
+  with strategy.scope():
+    model = SupConModel(
+        models.resnet(50, sync_batch_norm=True),
+        models.ProjectionHead(output_dim=128))
+    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                  loss=supcon_tf.SupConLoss(temperature=0.1))
+  model.fit(dataset)  # (views [b, 2, 32, 32, 3], labels [b]) batches
+  ```
+  """
+
+  def __init__(self, encoder, head, **kwargs):
+    super().__init__(**kwargs)
+    self.encoder = encoder
+    self.head = head
+
+  def build(self, input_shape):
+    """Builds the head on the encoder's output shape.
+
+    Args:
+      input_shape: `(batch, V, H, W, C)` or `(batch, H, W, C)`.
+    """
+    image_shape = (None,) + tuple(input_shape)[-3:]
+    if not self.encoder.built:
+      self.encoder.build(image_shape)
+    if not self.head.built:
+      self.head.build(self.encoder.compute_output_shape(image_shape))
+
+  def call(self, views, training=None):
+    """Embeds every view.
+
+    Args:
+      views: `[batch, V, H, W, C]` or `[batch, H, W, C]` images.
+      training: passed to the encoder and head (batch-norm mode).
+
+    Returns:
+      float32 embeddings `[batch, V, dim]` (`V = 1` for rank-4 input).
+    """
+    views = tf.convert_to_tensor(views)
+    if views.shape.rank == 4:
+      views = views[:, None]
+    if views.shape.rank != 5 or views.shape[1] is None:
+      raise ValueError(
+          "SupConModel takes views [batch, V, H, W, C] with a known V, or "
+          f"images [batch, H, W, C]; got shape {views.shape}. Stack the "
+          "views with tf.stack(views, axis=1).")
+    batch, num_views = tf.shape(views)[0], views.shape[1]
+    # Static image dims where known, so the encoder keeps its shapes.
+    image_dims = [d if d is not None else tf.shape(views)[i + 2]
+                  for i, d in enumerate(views.shape[2:])]
+    images = tf.reshape(views, [-1] + image_dims)
+    representation = self.encoder(images, training=training)
+    embeddings = tf.cast(self.head(representation, training=training),
+                         tf.float32)
+    return tf.reshape(embeddings, [batch, num_views, embeddings.shape[-1]])
+
+  def train_step(self, data):
+    with tf.GradientTape() as tape:
+      loss, logs = self._loss_and_metrics(data, training=True)
+      scaled = self.optimizer.scale_loss(loss)
+    variables = self.trainable_variables
+    gradients = tape.gradient(scaled, variables)
+    self.optimizer.apply_gradients(zip(gradients, variables))
+    return logs
+
+  def test_step(self, data):
+    _, logs = self._loss_and_metrics(data, training=False)
+    return logs
+
+  def _loss_and_metrics(self, data, training):
+    """This replica's loss for the gradient, and the updated metrics.
+
+    Args:
+      data: `(views, labels)` or `(views, labels, sample_weight)`.
+      training: forward mode.
+
+    Returns:
+      `(loss, logs)`: scalar float32 whose sum over replicas is the global
+      loss, and the dict of metric results (`loss` = global loss).
+    """
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    y_pred = self(x, training=training)
+    loss_fn = getattr(self, "loss", None)
+    if isinstance(loss_fn, losses_lib.SupConLoss):
+      loss = self._contrastive_loss(loss_fn, y, y_pred, sample_weight)
+      extra = [tf.cast(tf.reduce_sum(l), tf.float32) for l in self.losses]
+      if extra:
+        # Identical on every replica; the replicas' shares add up to one.
+        loss += tf.add_n(extra) / float(distributed.num_replicas())
+      reported = distributed.all_reduce_sum(loss)
+    else:
+      # Keras divides compiled losses by the replica count; undo it for
+      # the metric as Keras's own train_step does.
+      loss = self._compute_loss(x=x, y=y, y_pred=y_pred,
+                                sample_weight=sample_weight,
+                                training=training)
+      reported = loss * float(distributed.num_replicas())
+    local_batch = tf.shape(y_pred)[0]
+    for metric in self.metrics:
+      if metric.name == "loss":
+        # Every replica reports the global value, so any weights average
+        # to it; batch sizes weight the epoch average.
+        metric.update_state(reported, sample_weight=local_batch)
+    return loss, self.compute_metrics(x, y, y_pred,
+                                      sample_weight=sample_weight)
+
+  def _contrastive_loss(self, loss_fn, labels, embeddings, sample_weight):
+    """SupCon over the global batch; this replica's share of its reduction.
+
+    Args:
+      loss_fn: the compiled `SupConLoss` (its settings and reduction).
+      labels: `[batch]` ids, `[batch, classes]` multi-hot, or None.
+      embeddings: `[batch, V, dim]` float32.
+      sample_weight: None or `[batch]` (or `[batch, 1]`).
+
+    Returns:
+      scalar float32: local weighted sum over the global normaliser.
+    """
+    if loss_fn.reduction not in _REDUCTIONS:
+      raise ValueError(
+          f"SupConModel trains with a SupConLoss reduction in "
+          f"{list(_REDUCTIONS)}; got reduction={loss_fn.reduction!r}. Use "
+          "'sum_over_batch_size' (the default).")
+    if isinstance(loss_fn, losses_lib.SimCLRLoss):
+      labels = None
+    per_sample, valid = losses_lib.supcon_terms(
+        embeddings, labels, gather=True,
+        temperature=loss_fn.temperature,
+        contrast_mode=loss_fn.contrast_mode, summation=loss_fn.summation,
+        denominator=loss_fn.denominator,
+        positives_cap=loss_fn.positives_cap,
+        scale_by_temperature=loss_fn.scale_by_temperature,
+        block_size=loss_fn.block_size)
+    valid = tf.cast(valid, tf.float32)
+    weight = valid
+    if sample_weight is not None:
+      sample_weight = tf.cast(sample_weight, tf.float32)
+      if sample_weight.shape.rank == 2 and sample_weight.shape[1] == 1:
+        sample_weight = sample_weight[:, 0]
+      if sample_weight.shape.rank != 1:
+        raise ValueError(
+            "SupConModel takes one weight per sample, sample_weight "
+            f"[batch]; got shape {sample_weight.shape}.")
+      weight = valid * sample_weight
+    total = tf.reduce_sum(per_sample * weight)
+    if loss_fn.reduction == "sum":
+      return total
+    if loss_fn.reduction == "mean_with_sample_weight":
+      return tf.math.divide_no_nan(
+          total, distributed.all_reduce_sum(tf.reduce_sum(weight)))
+    count = distributed.all_reduce_sum(tf.reduce_sum(valid))
+    return total / tf.maximum(count, 1.0)
+
+  def get_config(self):
+    config = super().get_config()
+    config.update({
+        "encoder": keras.saving.serialize_keras_object(self.encoder),
+        "head": keras.saving.serialize_keras_object(self.head),
+    })
+    return config
+
+  @classmethod
+  def from_config(cls, config, custom_objects=None):
+    config = dict(config)
+    encoder = keras.saving.deserialize_keras_object(
+        config.pop("encoder"), custom_objects=custom_objects)
+    head = keras.saving.deserialize_keras_object(
+        config.pop("head"), custom_objects=custom_objects)
+    return cls(encoder, head, **config)

@@ -1,0 +1,285 @@
+"""Tests of SupConModel: `model.fit` trains SupCon like the custom loop.
+
+The central property: one `fit` step gives the weights of one step of
+`train_lib.Trainer`, and under a MirroredStrategy the gathered loss gives the
+weights and the loss of the same global batch on one device.
+"""
+
+import os
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import conftest
+from supcon_tf import config as config_lib
+from supcon_tf import distributed
+from supcon_tf import keras_trainer
+from supcon_tf import losses
+from supcon_tf import models
+from supcon_tf import train_lib
+
+IMAGE = 8
+BATCH = 8
+VIEWS = 2
+DIM = 8
+LEARNING_RATE = 0.1
+
+
+def global_batch(seed=0, classes=3):
+  rng = np.random.default_rng(seed)
+  views = rng.uniform(size=(BATCH, VIEWS, IMAGE, IMAGE, 3))
+  labels = rng.integers(0, classes, size=BATCH)
+  return views.astype(np.float32), labels.astype(np.int32)
+
+
+def dataset(*arrays):
+  """Exactly one global batch."""
+  return tf.data.Dataset.from_tensor_slices(arrays).batch(BATCH)
+
+
+def tiny_encoder():
+  # Synchronised BN: identical to plain BN on one replica, and what makes
+  # replicas match one device.
+  return models.resnet(18, width=0.0625, input_shape=(IMAGE, IMAGE, 3),
+                       sync_batch_norm=True)
+
+
+def make_model(strategy=None, initial=None, loss=None):
+  strategy = strategy or tf.distribute.get_strategy()
+  with strategy.scope():
+    model = keras_trainer.SupConModel(tiny_encoder(),
+                                      models.ProjectionHead(output_dim=DIM))
+    model.build((None, VIEWS, IMAGE, IMAGE, 3))
+    if initial is not None:
+      for var, value in zip(model.weights, initial):
+        var.assign(value)
+    model.compile(
+        optimizer=keras.optimizers.SGD(LEARNING_RATE, momentum=0.0),
+        loss=loss or losses.SupConLoss(temperature=0.1))
+  return model
+
+
+def weights(model):
+  return [v.numpy() for v in model.weights]
+
+
+def fit_one_step(model, *arrays):
+  history = model.fit(dataset(*arrays), epochs=1, steps_per_epoch=1,
+                      shuffle=False, verbose=0)
+  return history.history["loss"][0]
+
+
+def assert_weights_close(got, want):
+  assert len(got) == len(want)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+  """One fit step on one device: initial weights, loss, final weights."""
+  model = make_model()
+  initial = weights(model)
+  views, labels = global_batch()
+  loss = fit_one_step(model, views, labels)
+  return initial, loss, weights(model)
+
+
+def test_fit_reports_the_forward_loss(one_device):
+  initial, fit_loss, _ = one_device
+  model = make_model(initial=initial)
+  views, labels = global_batch()
+  embeddings = model(views, training=True)
+  want = np.mean(losses.supcon_loss(embeddings, labels, temperature=0.1))
+  np.testing.assert_allclose(fit_loss, want, rtol=1e-5)
+
+
+def test_fit_step_matches_custom_loop(one_device):
+  initial, fit_loss, fit_weights = one_device
+  config = config_lib.TrainConfig(
+      method="supcon", batch_size=BATCH, steps=1,
+      loss=config_lib.LossConfig(temperature=0.1),
+      model=config_lib.ModelConfig(encoder="resnet18", width=0.0625,
+                                   projection_dim=DIM),
+      optimizer=config_lib.OptimizerConfig(
+          name="sgd", learning_rate=LEARNING_RATE, scale_by_batch=False,
+          momentum=0.0, weight_decay=0.0, schedule="constant"))
+  trainer = train_lib.Trainer(
+      config, tf.distribute.get_strategy(), num_classes=3,
+      input_shape=(IMAGE, IMAGE, 3), steps_per_epoch=1,
+      encoder=tiny_encoder())
+  trainer_vars = trainer.encoder.weights + trainer.head.weights
+  for var, value in zip(trainer_vars, initial):
+    var.assign(value)
+  views, labels = global_batch()
+  metrics = trainer.distributed_step(tf.constant(views), tf.constant(labels))
+  np.testing.assert_allclose(fit_loss, float(metrics["loss"]), rtol=1e-5)
+  assert_weights_close(fit_weights, [v.numpy() for v in trainer_vars])
+  # The step moved the weights: the comparison is not of initial values.
+  assert not all(np.allclose(a, b) for a, b in zip(initial, fit_weights))
+
+
+@pytest.mark.slow
+def test_mirrored_fit_matches_one_device(one_device):
+  initial, loss, final = one_device
+  model = make_model(conftest.make_mirrored(2), initial)
+  got_loss = fit_one_step(model, *global_batch())
+  np.testing.assert_allclose(got_loss, loss, rtol=1e-5)
+  assert_weights_close(weights(model), final)
+
+
+@pytest.mark.slow
+def test_mirrored_fit_without_gather_differs(one_device, monkeypatch):
+  initial, loss, final = one_device
+  monkeypatch.setattr(distributed, "all_gather", lambda x: x)
+  monkeypatch.setattr(distributed, "replica_offset",
+                      lambda b: tf.constant(0, tf.int32))
+  model = make_model(conftest.make_mirrored(2), initial)
+  got_loss = fit_one_step(model, *global_batch())
+  assert not np.isclose(got_loss, loss, rtol=1e-3)
+  assert not all(np.allclose(g, w, rtol=1e-3, atol=1e-4)
+                 for g, w in zip(weights(model), final))
+
+
+def test_supcon_loss_compiles_on_plain_model():
+  keras.utils.set_random_seed(0)
+  inputs = keras.Input((VIEWS, 6))
+  outputs = keras.layers.UnitNormalization(axis=-1)(
+      keras.layers.Dense(DIM)(inputs))
+  model = keras.Model(inputs, outputs)
+  model.compile(optimizer=keras.optimizers.SGD(0.5),
+                loss=losses.SupConLoss(temperature=0.5))
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(BATCH, VIEWS, 6)).astype(np.float32)
+  y = rng.integers(0, 3, size=BATCH).astype(np.int32)
+  # The Keras path reports the plain SupCon mean of the batch.
+  want = np.mean(losses.supcon_loss(model(x), y, temperature=0.5))
+  np.testing.assert_allclose(model.evaluate(x, y, verbose=0), want,
+                             rtol=1e-5)
+  history = [float(model.train_on_batch(x, y)) for _ in range(8)]
+  np.testing.assert_allclose(history[0], want, rtol=1e-5)
+  assert np.all(np.isfinite(history))
+  assert history[-1] < history[0] - 1e-3, history
+
+
+def test_call_layout_and_rank4():
+  model = make_model()
+  views, _ = global_batch()
+  out = model(views)
+  assert out.shape == (BATCH, VIEWS, DIM) and out.dtype == tf.float32
+  # View v of sample i is the embedding of image views[i, v].
+  single = model(views[:, 1])
+  assert single.shape == (BATCH, 1, DIM)
+  np.testing.assert_allclose(single[:, 0], out[:, 1], atol=1e-5)
+  with pytest.raises(ValueError, match="views"):
+    model(views[:, 0, 0])
+
+
+def test_save_and_load_round_trip(tmp_path):
+  model = make_model(loss=losses.SupConLoss(temperature=0.2))
+  views, _ = global_batch()
+  path = os.path.join(tmp_path, "model.keras")
+  model.save(path)
+  restored = keras.saving.load_model(path)
+  assert isinstance(restored, keras_trainer.SupConModel)
+  assert isinstance(restored.head, models.ProjectionHead)
+  assert isinstance(restored.loss, losses.SupConLoss)
+  assert restored.loss.temperature == 0.2
+  assert_weights_close(weights(restored), weights(model))
+  np.testing.assert_array_equal(restored(views), model(views))
+
+
+def test_evaluate_matches_manual_loss():
+  model = make_model()
+  views, labels = global_batch(seed=3)
+  before = weights(model)
+  got = model.evaluate(dataset(views, labels), verbose=0)
+  assert_weights_close(weights(model), before)
+  embeddings = model(views, training=False)
+  want = np.mean(losses.supcon_loss(embeddings, labels, temperature=0.1))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size",
+                                       "mean_with_sample_weight", "sum"])
+def test_sample_weights(reduction):
+  model = make_model(loss=losses.SupConLoss(temperature=0.1,
+                                            reduction=reduction))
+  views, labels = global_batch(seed=5)
+  weight = np.array([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0], np.float32)
+  got = model.evaluate(dataset(views, labels, weight), verbose=0)
+  per_sample = losses.supcon_loss(model(views, training=False), labels,
+                                  temperature=0.1).numpy()
+  if reduction == "sum_over_batch_size":
+    want = per_sample[:4].sum() / BATCH
+  elif reduction == "mean_with_sample_weight":
+    want = per_sample[:4].mean()
+  else:
+    want = per_sample[:4].sum()
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # The same value as Keras's own reduction of SupConLoss.
+  keras_value = model.loss(labels, model(views, training=False),
+                           sample_weight=weight)
+  np.testing.assert_allclose(got, keras_value, rtol=1e-5)
+
+
+def test_invalid_samples_are_masked():
+  # One view and unique labels: no sample has a positive.
+  model = make_model()
+  views, _ = global_batch()
+  got = model.evaluate(dataset(views[:, :1], np.arange(BATCH)), verbose=0)
+  assert got == 0.0
+
+
+def test_other_compiled_loss_uses_keras_path():
+  model = make_model(loss=keras.losses.MeanSquaredError())
+  views, _ = global_batch()
+  targets = np.zeros((BATCH, VIEWS, DIM), np.float32)
+  got = model.evaluate(dataset(views, targets), verbose=0)
+  want = np.mean(np.square(model(views, training=False)))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_simclr_loss_ignores_labels():
+  model = make_model(loss=losses.SimCLRLoss(temperature=0.5))
+  views, labels = global_batch()
+  got = model.evaluate(dataset(views, labels), verbose=0)
+  want = np.mean(losses.supcon_loss(model(views, training=False), None,
+                                    temperature=0.5))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_unsupported_reduction_raises():
+  model = make_model(loss=losses.SupConLoss(reduction="none"))
+  views, labels = global_batch()
+  with pytest.raises(ValueError, match="reduction"):
+    model.evaluate(dataset(views, labels), verbose=0)
+
+
+@pytest.fixture
+def mixed_float16():
+  keras.mixed_precision.set_global_policy("mixed_float16")
+  try:
+    yield
+  finally:
+    keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.slow
+def test_mixed_precision(mixed_float16):
+  del mixed_float16
+  model = make_model()
+  assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+  views, labels = global_batch()
+  before = weights(model)
+  loss = fit_one_step(model, views, labels)
+  assert np.isfinite(loss) and loss > 0
+  assert model(views).dtype == tf.float32
+  assert not all(np.allclose(a, b) for a, b in zip(before, weights(model)))
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__, "-q"]))
