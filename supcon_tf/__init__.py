@@ -1,4 +1,9 @@
-"""Supervised Contrastive Learning for TensorFlow / Keras."""
+"""Supervised Contrastive Learning for TensorFlow / Keras.
+
+The loss is importable without the training stack; the Keras model
+(`supcon_tf.keras_trainer.SupConModel`), the training loop
+(`supcon_tf.train_lib`), linear evaluation and export live in their modules.
+"""
 
 from supcon_tf.losses import NPairsLoss
 from supcon_tf.losses import SimCLRLoss

@@ -194,6 +194,17 @@ class LinearEvalConfig:
 
   `learning_rate` and `epochs` are chosen on the validation split held out
   from the training data; the test split is evaluated once at the end.
+
+  Attributes:
+    epochs: training epochs per learning rate; the epoch whose weights are
+      kept (1..epochs) is chosen on the validation split.
+    learning_rates: learning rates to choose from on the validation split;
+      None means just `learning_rate`. When set, it replaces
+      `learning_rate`.
+    augment: train on augmented images (`DataConfig.augmentation`) instead
+      of plain resized ones.
+    cache_features: without `augment`, compute the encoder's features once
+      and fit the linear layer on them.
   """
   epochs: int = 10
   batch_size: int = 256
@@ -203,11 +214,19 @@ class LinearEvalConfig:
   augment: bool = False
   cache_features: bool = True
   seed: int = 0
+  learning_rates: Optional[Tuple[float, ...]] = None
 
   def __post_init__(self):
     _check_positive("epochs", self.epochs)
     _check_positive("batch_size", self.batch_size)
     _check_positive("learning_rate", self.learning_rate)
+    if self.learning_rates is not None:
+      # JSON gives lists; keep the config hashable.
+      object.__setattr__(self, "learning_rates", tuple(self.learning_rates))
+      if not self.learning_rates:
+        raise ValueError("learning_rates must be None or non-empty, got ().")
+      for rate in self.learning_rates:
+        _check_positive("learning_rates entries", rate)
 
 
 def to_dict(config) -> dict:

@@ -1,0 +1,682 @@
+"""Linear evaluation: a linear classifier fitted on a frozen encoder.
+
+Protocol (honest model selection):
+
+  * Every choice -- the learning rate among `LinearEvalConfig.learning_rates`
+    and the epoch whose weights are kept -- is made on the "validation" split
+    held out from the training data (`DataConfig.validation_fraction`), by
+    best validation top-1 accuracy (ties: the earlier learning rate, then the
+    earlier epoch).
+  * The test split is read once, at the very end, with the chosen weights.
+    It never takes part in a choice: nothing reports "best test accuracy over
+    epochs".
+  * Without a validation split (`validation_fraction=0`) nothing is chosen:
+    the classifier trains `epochs` epochs at the single learning rate and the
+    final weights are tested (`LinearEvalResult.selected_on == "none"`).
+
+The encoder is frozen: it is never trained and always runs in inference mode
+(batch norm uses, and never updates, its moving statistics). Without
+augmentation its features are computed once per split and only the linear
+layer is fitted on them (`cache_features`), which is much faster than
+pushing images through the encoder every epoch.
+
+With a `workdir`, a killed run resumes: the learning rate in progress from
+its last finished epoch (weights and optimizer, saved after every epoch),
+finished learning rates and the best weights so far through a small state
+file, all under `<workdir>/linear_backup/` (removed once `linear_eval.json`
+is written). Every file there is replaced atomically, so a kill at any
+instant leaves a consistent backup, and the resumed epochs read the batches
+an uninterrupted run would have read. With deterministic ops
+(`tf.config.experimental.enable_op_determinism`) a resumed run gives the
+same result as an uninterrupted one, bit for bit; given `datasets`, that
+also needs a "train" dataset that yields the same batches each time it is
+iterated.
+"""
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+from absl import logging
+import keras
+import numpy as np
+import tensorflow as tf
+
+from supcon_tf import config as config_lib
+from supcon_tf import data
+from supcon_tf import train_lib
+
+RESULT_FILE = "linear_eval.json"
+BACKUP_DIR = "linear_backup"
+SELECTED_ON = ("validation", "none")
+_RUN_FILE = "run.json"
+_STATE_FILE = "state.json"
+_BACKUP_FILE = "backup.json"
+
+
+@keras.saving.register_keras_serializable(package="supcon_tf")
+class FrozenEncoder(keras.layers.Layer):
+  """Runs an encoder frozen and in inference mode, whatever the caller says.
+
+  A functional model hands its own `training` flag to every layer it calls,
+  overriding a `training=False` written when the model was built, so
+  `model.fit` would run the encoder's batch norm in training mode. This
+  layer's `call` takes no `training` argument and always calls the encoder
+  with `training=False`. The encoder (and this layer) are set
+  `trainable=False`.
+
+  Args:
+    encoder: a built Keras model `[batch, H, W, C] -> [batch, dim]`; its
+      `trainable` attribute is set to False.
+    **kwargs: base `keras.layers.Layer` arguments (`name`, ...).
+
+  Example:
+
+  ```python
+  frozen = FrozenEncoder(encoder)
+  features = frozen(images)  # == encoder(images, training=False)
+  ```
+  """
+
+  def __init__(self, encoder, **kwargs):
+    super().__init__(**kwargs)
+    encoder.trainable = False
+    self.encoder = encoder
+    self.trainable = False
+
+  def call(self, images):
+    """Encodes images.
+
+    Args:
+      images: `[batch, H, W, C]` float32 in [0, 1].
+
+    Returns:
+      The encoder's representation `[batch, dim]`.
+    """
+    return self.encoder(images, training=False)
+
+  def get_config(self):
+    config = super().get_config()
+    config["encoder"] = keras.saving.serialize_keras_object(self.encoder)
+    return config
+
+  @classmethod
+  def from_config(cls, config):
+    config = dict(config)
+    config["encoder"] = keras.saving.deserialize_keras_object(
+        config["encoder"])
+    return cls(**config)
+
+
+def build_classifier(encoder: keras.Model, num_classes: int, *,
+                     name: str = "linear_classifier") -> keras.Model:
+  """A linear classifier on top of a frozen encoder.
+
+  Only the Dense layer named `"linear"` is trainable
+  (`classifier.get_layer("linear")`); the encoder is wrapped in a
+  `FrozenEncoder` layer named `"frozen_encoder"`, so it is set
+  `trainable=False` and always runs with `training=False`.
+
+  Args:
+    encoder: a built Keras model mapping images `[batch, H, W, 3]` to
+      representations `[batch, dim]`.
+    num_classes: number of classes (>= 1).
+    name: name of the returned model.
+
+  Returns:
+    A `keras.Model` mapping float32 images in [0, 1], `[batch, H, W, 3]`, to
+    float32 logits `[batch, num_classes]`.
+
+  Raises:
+    ValueError: for `num_classes < 1` or an encoder without a known input
+      shape.
+  """
+  if num_classes is None or int(num_classes) < 1:
+    raise ValueError(f"num_classes must be >= 1, got {num_classes!r}.")
+  inputs = keras.Input(shape=_image_shape(encoder), name="images")
+  features = FrozenEncoder(encoder, name="frozen_encoder")(inputs)
+  logits = keras.layers.Dense(int(num_classes), dtype="float32",
+                              name="linear")(features)
+  return keras.Model(inputs, logits, name=name)
+
+
+def _image_shape(encoder: keras.Model) -> Tuple[Optional[int], ...]:
+  try:
+    shape = encoder.input_shape
+  except (AttributeError, ValueError):
+    shape = None
+  if not shape or isinstance(shape, list):
+    raise ValueError(
+        f"Encoder {encoder.name!r} has no single known input shape (got "
+        f"{shape!r}); build it with one image input, e.g. as a functional "
+        "model on keras.Input(shape=(H, W, 3)).")
+  return tuple(shape[1:])
+
+
+def extract_features(encoder: keras.Model, dataset: tf.data.Dataset
+                     ) -> Tuple[np.ndarray, np.ndarray]:
+  """The encoder's representation of every example of a dataset.
+
+  Runs the encoder batch by batch in inference mode (`training=False`), so
+  its weights and batch-norm statistics are left as they are.
+
+  Args:
+    encoder: Keras model `[batch, H, W, C] -> [batch, dim]`.
+    dataset: finite dataset of `(images [batch, H, W, C], labels [batch])`.
+
+  Returns:
+    `(features [n, dim]` float32, `labels [n]` int32), in dataset order.
+
+  Raises:
+    ValueError: for an empty dataset.
+  """
+  features, labels = [], []
+  for images, batch_labels in dataset:
+    # predict_on_batch runs with training=False and reuses the model's
+    # cached predict function across calls.
+    features.append(np.asarray(encoder.predict_on_batch(images), np.float32))
+    labels.append(np.asarray(batch_labels))
+  if not features:
+    raise ValueError("Cannot extract features of an empty dataset.")
+  return (np.concatenate(features).astype(np.float32),
+          np.concatenate(labels).astype(np.int32))
+
+
+@dataclasses.dataclass
+class LinearEvalResult:
+  """Outcome of `linear_eval`.
+
+  Attributes:
+    val_top1 / val_top5: validation accuracy of the chosen weights (None
+      without a validation split). Optimistic: these numbers chose them.
+    test_top1 / test_top5: test accuracy of the chosen weights, measured
+      once.
+    learning_rate: the chosen learning rate.
+    epochs: epochs of training behind the chosen weights (1..config.epochs).
+    history: one entry per learning rate tried, in order:
+      `{"learning_rate": lr, "epochs": [{"epoch": e, "loss": ...,
+      "top1": ..., "top5": ..., "val_loss": ..., "val_top1": ...,
+      "val_top5": ...}, ...]}` (training metrics are on the training data,
+      augmented when `augment`; no `val_*` keys without validation).
+    selected_on: `"validation"` or `"none"` (no validation split: final
+      weights of the single learning rate).
+    num_classes: classes of the classifier.
+    top5_k: the k of the "top-5" metrics (5, or fewer classes).
+    cached_features: whether the linear layer was fitted on cached features.
+  """
+  val_top1: Optional[float]
+  val_top5: Optional[float]
+  test_top1: float
+  test_top5: float
+  learning_rate: float
+  epochs: int
+  history: List[Dict[str, Any]]
+  selected_on: str
+  num_classes: int
+  top5_k: int
+  cached_features: bool
+
+  def to_dict(self) -> Dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class _Splits:
+  """What training reads.
+
+  `train` is a finite dataset of images (given `datasets`), None (images
+  from a `DataConfig`: `linear_eval` builds the pipeline) or a
+  `(features, labels)` pair of arrays (cached path); `validation` is a
+  dataset of images or an array pair, or None; `test` is always a dataset
+  of images, touched only by the final evaluation.
+  """
+  train: Any
+  validation: Any
+  test: tf.data.Dataset
+  steps_per_epoch: Optional[int]  # Set for images from a `DataConfig`.
+
+
+def linear_eval(encoder: keras.Model,
+                data_config: config_lib.DataConfig,
+                config: config_lib.LinearEvalConfig, *,
+                strategy: Optional[tf.distribute.Strategy] = None,
+                workdir: Optional[str] = None,
+                datasets: Optional[Dict[str, Optional[tf.data.Dataset]]] = None,
+                num_classes: Optional[int] = None,
+                verbose: bool = True
+                ) -> Tuple[keras.Model, LinearEvalResult]:
+  """Fits and tests a linear classifier on a frozen encoder.
+
+  See the module docstring for the protocol. For each learning rate the
+  linear layer starts from the same initial weights and trains
+  `config.epochs` epochs with SGD + momentum, a cosine learning-rate decay
+  over those epochs and decoupled weight decay (not on the bias), on the
+  softmax cross-entropy; validation top-1 / top-5 are measured after every
+  epoch and the best (learning rate, epoch) weights are kept.
+
+  Args:
+    encoder: a built Keras model `[batch, H, W, 3] -> [batch, dim]`, e.g.
+      from `train_lib.restore_encoder`. It is set `trainable=False`; its
+      weights (batch-norm statistics included) are not changed.
+    data_config: where the data comes from (unused with `datasets`, except
+      that the image path reads its augmentation settings).
+    config: the linear-evaluation settings.
+    strategy: a `tf.distribute.Strategy` to build, compile and fit under
+      (default: the current strategy). Cached features are computed with
+      `encoder.predict_on_batch`, under the strategy the encoder was built
+      in.
+    workdir: optional directory; makes the run resumable and receives
+      `linear_eval.json` with the result.
+    datasets: optional `{"train": ds, "validation": ds or None, "test": ds}`
+      of `(images [batch, H, W, 3]` float32 in [0, 1], `labels [batch]`
+      int) batches replacing the `data_config` pipelines; used as given
+      (shuffle and augment "train" yourself). Each must be finite.
+    num_classes: number of classes; default: from the dataset's metadata, or
+      with `datasets`, the largest training/validation label + 1.
+    verbose: show Keras progress bars and log a summary per learning rate.
+
+  Returns:
+    `(classifier, result)`: the `build_classifier` model carrying the chosen
+    weights (images -> logits), and a `LinearEvalResult`.
+
+  Raises:
+    ValueError: several learning rates but no validation split, a batch
+      size larger than the training split, bad `datasets`, or any dataset
+      error of `data.dataset_info`.
+    train_lib.TrainingError: `workdir` holds an unfinished linear evaluation
+      of another encoder or configuration.
+  """
+  strategy = strategy or tf.distribute.get_strategy()
+  keras.utils.set_random_seed(config.seed)
+  cached = bool(config.cache_features and not config.augment)
+  learning_rates = tuple(float(r) for r in
+                         (config.learning_rates or (config.learning_rate,)))
+  splits, num_classes = _prepare_splits(encoder, data_config, config,
+                                        datasets, num_classes, cached)
+  select = splits.validation is not None
+  if not select and len(learning_rates) > 1:
+    raise ValueError(
+        f"learning_rates={learning_rates} can only be chosen on a validation "
+        "split, and there is none (validation_fraction=0 or "
+        "datasets['validation'] is None). Set DataConfig.validation_fraction "
+        "> 0, or give a single learning rate.")
+  top5_k = min(5, num_classes)
+
+  with strategy.scope():
+    classifier = build_classifier(encoder, num_classes)
+    dense = classifier.get_layer("linear")
+    if cached:
+      features = keras.Input(shape=(splits.train[0].shape[1],),
+                             name="features")
+      model = keras.Model(features, dense(features),
+                          name="linear_on_features")
+    else:
+      model = classifier
+  initial_weights = dense.get_weights()
+
+  backup_root = os.path.join(workdir, BACKUP_DIR) if workdir else None
+  if backup_root:
+    _check_run(backup_root, {
+        "config": config_lib.to_dict(config),
+        "data": (config_lib.to_dict(data_config) if datasets is None
+                 else "custom datasets"),
+        "encoder_sha256": _fingerprint(encoder),
+        "num_classes": num_classes,
+        "cached_features": cached,
+    })
+  selection = _Selection(learning_rates, select, backup_root)
+
+  def train_stream():
+    """A new pipeline of the training batches, repeating forever.
+
+    One per learning rate: a reshuffling `shuffle` carries its state over to
+    the next iterator of the same dataset, so a shared pipeline would make
+    each learning rate's batches depend on the ones before it, and a
+    resumed run differ from an uninterrupted one.
+    """
+    if cached:
+      ds = tf.data.Dataset.from_tensor_slices(splits.train).shuffle(
+          len(splits.train[1]), seed=config.seed,
+          reshuffle_each_iteration=True).batch(config.batch_size)
+    elif datasets is None:
+      return data.supervised_dataset(
+          data_config, global_batch_size=config.batch_size, seed=config.seed,
+          augment=config.augment, repeat=True)
+    else:
+      ds = splits.train
+    # One iterator for the whole fit instead of one per epoch (costly under
+    # a MirroredStrategy); each repetition is one epoch.
+    return ds.repeat()
+
+  if cached:
+    validation = (None if splits.validation is None else
+                  tf.data.Dataset.from_tensor_slices(splits.validation).batch(
+                      config.batch_size))
+  else:
+    validation = splits.validation
+  steps_per_epoch = splits.steps_per_epoch or _count_batches(
+      tf.data.Dataset.from_tensor_slices(splits.train[1]).batch(
+          config.batch_size) if cached else splits.train)
+  fit_data = dict(steps_per_epoch=steps_per_epoch,
+                  validation_data=validation)
+
+  for index, learning_rate in enumerate(learning_rates):
+    if selection.done[index]:
+      continue
+    if verbose:
+      logging.info("Linear eval: learning rate %g (%d/%d), %d epochs.",
+                   learning_rate, index + 1, len(learning_rates),
+                   config.epochs)
+    dense.set_weights(initial_weights)
+    with strategy.scope():
+      _compile(model, _optimizer(config, learning_rate,
+                                 steps_per_epoch * config.epochs), top5_k)
+    callbacks = [_EpochRecorder(selection, index, dense)]
+    done = 0
+    if backup_root:
+      backup = _EpochBackup(os.path.join(backup_root, f"lr{index}"))
+      with strategy.scope():  # Optimizer variables made here are mirrored.
+        done = backup.restore(model)
+      # After the recorder, so that a kill between the two re-runs the epoch
+      # rather than losing its record.
+      callbacks.append(backup)
+    # Skipping the finished epochs' batches gives the resumed epochs the
+    # batches (and shuffles) of an uninterrupted run.
+    model.fit(train_stream().skip(done * steps_per_epoch),
+              epochs=config.epochs,
+              initial_epoch=done, callbacks=callbacks, shuffle=False,
+              verbose=1 if verbose else 0, **fit_data)
+    selection.finish(index)
+    if backup_root:
+      tf.io.gfile.rmtree(backup.directory)
+    if verbose:
+      logging.info("Linear eval: learning rate %g done; best so far: %s.",
+                   learning_rate, selection.best)
+
+  # The one and only look at the test split.
+  dense.set_weights(selection.best_weights)
+  with strategy.scope():
+    _compile(classifier, None, top5_k)
+  test = classifier.evaluate(splits.test, return_dict=True,
+                             verbose=1 if verbose else 0)
+  best = selection.best
+  result = LinearEvalResult(
+      val_top1=best.get("val_top1") if select else None,
+      val_top5=best.get("val_top5") if select else None,
+      test_top1=float(test["top1"]), test_top5=float(test["top5"]),
+      learning_rate=learning_rates[best["index"]], epochs=best["epoch"],
+      history=[{"learning_rate": rate, "epochs": records}
+               for rate, records in zip(learning_rates, selection.history)],
+      selected_on="validation" if select else "none",
+      num_classes=num_classes, top5_k=top5_k, cached_features=cached)
+  if verbose:
+    logging.info("Linear eval: lr %g, %d epochs (chosen on %s): test top-1 "
+                 "%.4f, top-%d %.4f.", result.learning_rate, result.epochs,
+                 result.selected_on, result.test_top1, top5_k,
+                 result.test_top5)
+  if workdir:
+    train_lib.atomic_write(
+        os.path.join(workdir, RESULT_FILE),
+        json.dumps(dict(result.to_dict(), config=config_lib.to_dict(config)),
+                   indent=2, sort_keys=True))
+    tf.io.gfile.rmtree(backup_root)
+  return classifier, result
+
+
+def _prepare_splits(encoder, data_config, config, datasets, num_classes,
+                    cached) -> Tuple[_Splits, int]:
+  """Builds (or checks) the splits and settles the class count."""
+  steps_per_epoch = None
+  if datasets is None:
+    info = data.dataset_info(data_config)
+    num_classes = num_classes or info.num_classes
+    test = data.eval_dataset(data_config, "test",
+                             batch_size=config.batch_size)
+    validation = data.eval_dataset(data_config, "validation",
+                                   batch_size=config.batch_size)
+    if cached:
+      train = data.eval_dataset(data_config, "train",
+                                batch_size=config.batch_size)
+    else:
+      steps_per_epoch = info.num_train // config.batch_size
+      if steps_per_epoch < 1:
+        raise ValueError(
+            f"LinearEvalConfig.batch_size={config.batch_size} is larger than "
+            f"the {info.num_train} training examples of "
+            f"{data_config.dataset!r}; lower batch_size.")
+      train = None  # Built anew for each learning rate by `linear_eval`.
+  else:
+    unknown = sorted(set(datasets) - {"train", "validation", "test"})
+    missing = sorted({"train", "test"} - set(datasets))
+    if unknown or missing:
+      raise ValueError(
+          f"datasets needs keys 'train', 'test' and optionally 'validation'; "
+          f"got {sorted(datasets)}.")
+    train, test = datasets["train"], datasets["test"]
+    validation = datasets.get("validation")
+    for name, ds in (("train", train), ("validation", validation)):
+      if ds is not None and ds.cardinality() == tf.data.INFINITE_CARDINALITY:
+        raise ValueError(f"datasets[{name!r}] repeats forever; pass one "
+                         "pass over the data (drop .repeat()).")
+
+  if cached:
+    train = extract_features(encoder, train)
+    if validation is not None:
+      validation = extract_features(encoder, validation)
+  if num_classes is None:
+    if cached:
+      labels = [train[1]] + ([validation[1]] if validation is not None else [])
+      num_classes = int(max(int(l.max()) for l in labels)) + 1
+    else:
+      num_classes = _max_label(train) + 1
+  return _Splits(train=train, validation=validation, test=test,
+                 steps_per_epoch=steps_per_epoch), int(num_classes)
+
+
+def _count_batches(dataset: tf.data.Dataset) -> int:
+  """Batches in one pass over a finite dataset (iterates it if unknown)."""
+  count = int(dataset.cardinality())
+  if count < 0:
+    count = int(dataset.reduce(0, lambda n, _: n + 1))
+  if count < 1:
+    raise ValueError("The training dataset is empty.")
+  return count
+
+
+def _max_label(dataset: tf.data.Dataset) -> int:
+  return int(dataset.map(lambda images, labels: tf.reduce_max(
+      tf.cast(labels, tf.int64))).reduce(tf.constant(-1, tf.int64),
+                                         tf.maximum))
+
+
+def _optimizer(config: config_lib.LinearEvalConfig, learning_rate: float,
+               total_steps: int) -> keras.optimizers.Optimizer:
+  schedule = keras.optimizers.schedules.CosineDecay(
+      learning_rate, decay_steps=max(1, total_steps))
+  optimizer = keras.optimizers.SGD(
+      schedule, momentum=config.momentum,
+      weight_decay=config.weight_decay or None)
+  optimizer.exclude_from_weight_decay(var_names=["bias"])
+  return optimizer
+
+
+def _compile(model: keras.Model, optimizer, top5_k: int) -> None:
+  kwargs = {} if optimizer is None else {"optimizer": optimizer}
+  model.compile(
+      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      # Argmax accuracy for top-1: in_top_k would count tied logits (e.g. an
+      # all-zero output) as correct.
+      metrics=[keras.metrics.SparseCategoricalAccuracy(name="top1"),
+               keras.metrics.SparseTopKCategoricalAccuracy(k=top5_k,
+                                                           name="top5")],
+      **kwargs)
+
+
+def _fingerprint(encoder: keras.Model) -> str:
+  digest = hashlib.sha256()
+  for weight in encoder.weights:
+    value = np.asarray(weight.numpy())
+    digest.update(str((weight.path, value.shape, value.dtype.str)).encode())
+    digest.update(np.ascontiguousarray(value).tobytes())
+  return digest.hexdigest()
+
+
+def _check_run(backup_root: str, run: Dict[str, Any]) -> None:
+  """Starts a resumable run, or checks that it resumes the same one."""
+  path = os.path.join(backup_root, _RUN_FILE)
+  run = json.loads(json.dumps(run))  # As stored: tuples become lists.
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      stored = json.load(f)
+    changed = sorted(k for k in set(stored) | set(run)
+                     if stored.get(k) != run.get(k))
+    if changed:
+      raise train_lib.TrainingError(
+          f"{backup_root} holds an unfinished linear evaluation with other "
+          f"settings ({', '.join(changed)} differ). Resuming it would mix "
+          "two experiments: use another workdir, restore the settings, or "
+          f"delete {backup_root} to start over.")
+    return
+  tf.io.gfile.makedirs(backup_root)
+  train_lib.atomic_write(path, json.dumps(run, indent=2, sort_keys=True))
+
+
+class _Selection:
+  """Per-epoch records of every learning rate and the best weights so far.
+
+  With `select`, "best" is the highest validation top-1 (strictly higher
+  wins, so ties keep the earlier learning rate and epoch); without, it is
+  the latest epoch. With a `directory`, the state is saved after every
+  epoch and loaded when the object is made, so a killed run resumes.
+  """
+
+  def __init__(self, learning_rates, select, directory=None):
+    self.select = select
+    self.directory = directory
+    self.history: List[List[Dict[str, float]]] = [[] for _ in learning_rates]
+    self.done = [False] * len(learning_rates)
+    self.best: Optional[Dict[str, Any]] = None
+    self.best_weights = None
+    if directory and tf.io.gfile.exists(self._path(_STATE_FILE)):
+      with tf.io.gfile.GFile(self._path(_STATE_FILE)) as f:
+        state = json.load(f)
+      self.history, self.done, self.best = (state["history"], state["done"],
+                                            state["best"])
+      if self.best is not None:
+        with tf.io.gfile.GFile(self._path(self.best["weights_file"]),
+                               "rb") as f:
+          stored = np.load(io.BytesIO(f.read()))
+        self.best_weights = [stored[f"w{i}"] for i in range(len(stored))]
+
+  def _path(self, name):
+    return os.path.join(self.directory, name)
+
+  def record(self, index: int, epoch: int, logs: Dict[str, float],
+             weights: List[np.ndarray]) -> None:
+    """Adds epoch `epoch` (1-based) of learning rate `index`."""
+    entry = {"epoch": epoch, **{k: float(v) for k, v in logs.items()}}
+    # A resumed run may repeat an epoch: the new record replaces the old.
+    self.history[index] = [r for r in self.history[index]
+                           if r["epoch"] < epoch] + [entry]
+    if self.select and "val_top1" not in entry:
+      raise ValueError("Validation metrics are missing from the epoch logs.")
+    score = entry["val_top1"] if self.select else epoch
+    best = self.best
+    redone = best is not None and (best["index"], best["epoch"]) == (index,
+                                                                    epoch)
+    if best is None or redone or score > best["score"]:
+      self.best = {"index": index, "epoch": epoch, "score": score,
+                   **{k: entry[k] for k in ("val_top1", "val_top5")
+                      if k in entry}}
+      self.best_weights = [np.array(w) for w in weights]
+      if self.directory:
+        self.best["weights_file"] = f"best-lr{index}-epoch{epoch}.npz"
+        self._save_weights(self.best["weights_file"])
+    self._save()
+
+  def finish(self, index: int) -> None:
+    self.done[index] = True
+    self._save()
+
+  def _save_weights(self, name):
+    # np.savez needs a seekable file, which a GFile in write mode is not.
+    buffer = io.BytesIO()
+    np.savez(buffer, **{f"w{i}": w for i, w in enumerate(self.best_weights)})
+    tmp = self._path(f"{name}.tmp-{os.getpid()}")
+    with tf.io.gfile.GFile(tmp, "wb") as f:
+      f.write(buffer.getvalue())
+    tf.io.gfile.rename(tmp, self._path(name), overwrite=True)
+
+  def _save(self):
+    if not self.directory:
+      return
+    train_lib.atomic_write(self._path(_STATE_FILE), json.dumps(
+        {"history": self.history, "done": self.done, "best": self.best}))
+    keep = self.best and self.best.get("weights_file")
+    for name in tf.io.gfile.listdir(self.directory):
+      if name.startswith("best-") and name.endswith(".npz") and name != keep:
+        tf.io.gfile.remove(self._path(name))
+
+
+class _EpochBackup(keras.callbacks.Callback):
+  """Saves the model (weights and optimizer state) after every epoch.
+
+  Used instead of `keras.callbacks.BackupAndRestore` (Keras 3.15), which
+  overwrites its weights file in place and then writes the epoch count to a
+  second file: a kill during a save leaves a truncated weights file (the
+  resume fails) or new weights beside the old count (the resume trains an
+  epoch twice). Here each epoch's weights go to a new file, and one
+  atomically replaced state file names it with the epochs it holds.
+
+  Args:
+    directory: the backup's directory (created on the first save).
+  """
+
+  def __init__(self, directory: str):
+    super().__init__()
+    self.directory = directory
+
+  def restore(self, model: keras.Model) -> int:
+    """Loads the backup into compiled `model`; returns its finished epochs.
+
+    Returns 0 and leaves `model` as it is when there is no backup.
+    """
+    path = os.path.join(self.directory, _BACKUP_FILE)
+    if not tf.io.gfile.exists(path):
+      return 0
+    with tf.io.gfile.GFile(path) as f:
+      state = json.load(f)
+    if not model.optimizer.built:
+      model.optimizer.build(model.trainable_variables)
+    model.load_weights(os.path.join(self.directory, state["weights"]))
+    return int(state["epochs"])
+
+  def on_epoch_end(self, epoch, logs=None):
+    tf.io.gfile.makedirs(self.directory)
+    name = f"epoch{epoch + 1}.weights.h5"
+    self.model.save_weights(os.path.join(self.directory, name),
+                            overwrite=True)
+    train_lib.atomic_write(os.path.join(self.directory, _BACKUP_FILE),
+                           json.dumps({"epochs": epoch + 1, "weights": name}))
+    for old in tf.io.gfile.listdir(self.directory):
+      if old.endswith(".weights.h5") and old != name:
+        tf.io.gfile.remove(os.path.join(self.directory, old))
+
+
+class _EpochRecorder(keras.callbacks.Callback):
+  """Hands every epoch's metrics and linear weights to a `_Selection`."""
+
+  def __init__(self, selection: _Selection, index: int,
+               dense: keras.layers.Layer):
+    super().__init__()
+    self.selection = selection
+    self.index = index
+    self.dense = dense
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.selection.record(self.index, epoch + 1, dict(logs or {}),
+                          self.dense.get_weights())
