@@ -1,57 +1,79 @@
-"""The SupCon loss in blocks of anchor rows, with a fused closed-form gradient.
+"""The SupCon loss in blocks of anchor rows, with a closed-form gradient.
 
 The dense formulation (`losses._dense_terms`) holds several
 `[anchor_rows, contrast_rows]` float32 matrices at once; at 16,384 rows each
-is 1 GiB. Here anchor rows are processed `block_size` at a time inside one
-`tf.while_loop`: only the `[block, contrast_rows]` logits of the current block
-exist, the positive / negative masks are built per block from class ids and
-sample indices, and the gradient is written in closed form (no autodiff
-through the loop). Peak memory is O(block * contrast_rows + rows * dim).
+is 1 GiB. Here anchor rows are processed `block_size` at a time inside a
+`tf.while_loop`: only the logits of the current block exist, the positive /
+negative masks are built per block from class ids and sample indices, and the
+gradient is written in closed form inside a `tf.custom_gradient` (no autodiff
+through the loop, nothing of size rows^2 kept for the backward pass). Peak
+memory is O(block * contrast_rows + rows * dim).
 
-Gradient. For anchor row `r` with logits `s_rc = <a_r, c_c> / tau`, the
-gradient of its loss with respect to `s_r` is a row `H_r` (closed forms
-below). Every upstream gradient of the per-sample loss only rescales rows of
-`H`, so the forward pass already computes, per block, with the weights the
-usual mean reduction gives:
-
-  S_b = A_b C^T            logits of the block           (matmul 1)
-  dA_b = H_b C             gradient of the block anchors (matmul 2)
-  dC += H_b^T A_b          gradient of the contrast rows (matmul 3)
-
-three matmul-sized products per block, the fewest for the three different
-contractions; `S_b` is never stored. The backward pass then only scales
-`dA`, `dC` when the upstream gradient is the same for every sample that has a
-positive (any mean of the loss, Keras reductions included); otherwise it
-reruns the loop with the given weights to rebuild `dC` (two products per
-block; `H C` does not depend on the weights and is reused). When anchors and
-contrast are the same tensor the two gradients are summed by TensorFlow; with
-`distributed.all_gather` contrast, `dC` flows back through the gather.
-
-Closed forms, per anchor row, with `P` positives, `n = |P|`, `N` negatives,
-`softmax_X` the softmax of `s` restricted to the set `X`:
+Closed forms. For anchor row `r` with logits `s_rc = <a_r, c_c> / tau`, the
+gradient of its loss with respect to `s_r` is a row `H_r`; with `P`
+positives, `n = |P|`, `N` negatives, `softmax_X` the softmax of `s`
+restricted to the set `X`:
 
   out, all:             H = softmax_{P+N} - [P] / n
   out, only_negatives:  H = softmax_N - [P] / n
   in, all:              H = softmax_{P+N} - softmax_P
   in, only_negatives:   H = softmax_N - softmax_P
   out, one_positive:    with q_p = sigmoid(s_p - logsumexp_N(s)):
-                        H_p = -(1 - q_p) / n,  H_N = softmax_N sum_p (1 - q_p) / n
+                        H_p = -(1 - q_p) / n,
+                        H_N = softmax_N sum_p (1 - q_p) / n
   in, one_positive:     with w = softmax_P(log q):
-                        H_p = -w_p (1 - q_p),  H_N = softmax_N sum_p w_p (1 - q_p)
+                        H_p = -w_p (1 - q_p),
+                        H_N = softmax_N sum_p w_p (1 - q_p)
 
-For the default mode (out, all, no cap) the positive terms are handled with
+For the default mode (out, all, no cap) the `[P] / n` terms are handled with
 per-class sums of embeddings (O(rows * dim)), so a block needs only its
-logits, one softmax and the two gradient products.
+logits, one softmax and the gradient products.
+
+Three kernels, by case; matmul-sized products (`[block, contrast_rows] x
+[.., dim]`) per block of anchor rows:
+
+* Symmetric (default mode, `anchors is contrast`: one replica, every view an
+  anchor; at least `MIN_SYMMETRIC_BLOCKS` blocks). The logits are
+  symmetric, so each tile serves its rows and its columns
+  (`_SymmetricSweeps`): the forward computes half of the logits (0.5 of the
+  full matrix), the backward recomputes them and applies
+  `Q = diag(w) P + P^T diag(w)` to both sides (0.5 + 1): about two in all.
+* Fused (default mode otherwise: `contrast_mode="one"`, a gathered
+  contrast, or few blocks). Every upstream gradient of the per-sample loss
+  only rescales rows of `H`, so the forward pass computes with the weights
+  of a plain mean
+
+    S_b = A_b C^T       logits of the block             (1)
+    dA_b = H_b C        gradient of the block's anchors (2)
+    dC += H_b^T A_b     gradient of the contrast rows   (3)
+
+  three, the fewest for three different contractions. The backward pass
+  only scales `dA`, `dC` when the upstream gradient is the same for every
+  sample that has a positive (any mean of the loss, Keras reductions
+  included); otherwise it reruns the loop with the given weights to rebuild
+  `dC` (two more; `H C` does not depend on the weights). Inside a
+  `tf.function` that takes no gradient, TensorFlow prunes (2) and (3).
+* Masked (every other mode, and positive caps): as fused, with the masks
+  and `H` of the closed forms above built per block.
+
+With `distributed.all_gather` contrast the contrast gradient flows back
+through the gather, so summed per-replica gradients equal the single-device
+ones. Not differentiable twice.
 """
 
 import numpy as np
 import tensorflow as tf
 
-# Above this many anchor x contrast logits `supcon_terms` switches to blocks.
-AUTO_MIN_LOGITS = 2048 * 2048
+# Above this many anchor x contrast logits `supcon_terms` switches to blocks
+# (already faster than the dense path at 1024 x 1024 on CPU).
+AUTO_MIN_LOGITS = 1024 * 1024
 # Automatic block: about this many logits per block (16 MiB of float32).
 BLOCK_LOGITS = 1 << 22
 DEFAULT_BLOCK_ROWS = 256
+# The symmetric kernel costs 4 (nb // 2 + 1) / nb logits-sized matmuls for
+# nb blocks against 3 for the fused one, plus a second sweep: it pays from
+# about 8 blocks on.
+MIN_SYMMETRIC_BLOCKS = 8
 
 _MIN = float(np.finfo(np.float32).min)
 
@@ -71,6 +93,8 @@ def auto_block_size(contrast_rows):
   return int(min(max(rows // 32 * 32, 32), 2048))
 
 
+# Plain TF control flow throughout: no need for (slow) autograph conversion.
+@tf.autograph.experimental.do_not_convert
 def blockwise_terms(anchors, contrast, ids=None, *, offset=0, temperature=0.1,
                     summation="out", denominator="all", positives_cap=None,
                     scale_by_temperature=True, block_size=None):
@@ -82,7 +106,9 @@ def blockwise_terms(anchors, contrast, ids=None, *, offset=0, temperature=0.1,
   Args:
     anchors: `[batch, anchor_views, dim]`: samples `offset .. offset+batch-1`
       of `contrast`, all their views (`anchor_views == views`) or the first
-      (`anchor_views == 1`). Any float dtype; computed in float32.
+      (`anchor_views == 1`). Any float dtype; computed in float32. Passing
+      the `contrast` tensor itself (one replica, every view an anchor; then
+      `offset` is 0) enables the symmetric kernel.
     contrast: `[global_batch, views, dim]`, e.g. `distributed.all_gather` of
       the local features (the gradient flows back to it).
     ids: `[global_batch]` integer class ids of `contrast`, or None: every
@@ -161,6 +187,118 @@ def _masked_softmax(x, keep):
   return lse[:, 0], e * (1.0 / safe)
 
 
+class _SymmetricSweeps:
+  """Row logsumexp and gradient of `softmax(x x^T / tau)` minus its diagonal.
+
+  With one matrix `x` as anchors and contrast the logits `S` are symmetric,
+  so each tile is computed once and used for both of its rows and columns.
+  Block `i` of rows meets blocks `i .. i + nb // 2` (cyclically) in one
+  `[block, (nb // 2 + 1) * block]` slab; every off-diagonal pair of blocks
+  occurs in exactly one slab (for even `nb` the pair at distance `nb / 2`
+  occurs in two and is used one-sided there, like the diagonal).
+
+  Per slab, products of matmul size: the forward computes `S` (half of
+  `x x^T` over all slabs); the gradient recomputes it and forms
+  `Q = w_r P_rc + w_c P_cr` for both triangles at once, then `Q x_slab` and
+  `Q^T x_block`: two matmuls of the full matrix in all, against three for
+  separate anchor and contrast sides.
+  """
+
+  def __init__(self, x, inv_tau, block):
+    self.inv_tau = inv_tau
+    n, self.dim = x.shape
+    self.n = n
+    rows, blocks = self.plan(n, block)
+    self.rows, self.blocks = rows, blocks
+    self.padded = rows * blocks
+    half = blocks // 2
+    self.width = (half + 1) * rows
+    # Slab tiles 1 .. two_sided serve both their rows and their columns.
+    self.two_sided_end = (half if blocks % 2 else half - 1) * rows + rows
+    if self.two_sided_end <= rows:
+      self.two_sided_end = None
+    self.xp = tf.pad(x, [[0, self.padded - n], [0, 0]])
+    self.real = tf.range(self.padded) < n
+    self.diagonal = tf.stack([tf.range(rows), tf.range(rows)], 1)
+
+  @staticmethod
+  def plan(n, block):
+    """Rows per block and blocks; a divisor of `n` avoids padded rows."""
+    block = max(1, min(block, n))
+    for rows in range(block, max(block // 2, 1) - 1, -1):
+      if n % rows == 0:
+        return rows, n // rows
+    blocks = -(-n // block)
+    return -(-n // blocks), blocks
+
+  def _slab(self, i):
+    rows = i * self.rows + tf.range(self.rows)
+    cols = (i * self.rows + tf.range(self.width)) % self.padded
+    a, c = tf.gather(self.xp, rows), tf.gather(self.xp, cols)
+    logits = tf.matmul(a * self.inv_tau, c, transpose_b=True)
+    logits = tf.tensor_scatter_nd_update(logits, self.diagonal,
+                                         tf.fill([self.rows], _MIN))
+    return rows, cols, a, c, logits
+
+  def _loop(self, body, state):
+    return tf.while_loop(lambda i, *_: i < self.blocks, body,
+                         [tf.constant(0)] + state, parallel_iterations=1)[1:]
+
+  def logsumexp(self):
+    """`[n]` logsumexp of each row of S without its diagonal."""
+    end = self.two_sided_end
+
+    def body(i, top, total):
+      rows, cols, _, _, logits = self._slab(i)
+      if self.padded > self.n:  # keep the zero padding rows out of the sums
+        logits = tf.where(tf.gather(self.real, cols)[None, :], logits, _MIN)
+        logits = tf.where(tf.gather(self.real, rows)[:, None], logits, _MIN)
+      new_top = tf.reduce_max(logits, 1)
+      new_total = tf.reduce_sum(tf.exp(logits - new_top[:, None]), 1)
+      if end is not None:
+        col_top = tf.reduce_max(logits, 0)
+        col_total = tf.reduce_sum(tf.exp(logits - col_top[None, :]), 0)
+        rows = tf.concat([rows, cols[self.rows:end]], 0)
+        new_top = tf.concat([new_top, col_top[self.rows:end]], 0)
+        new_total = tf.concat([new_total, col_total[self.rows:end]], 0)
+      old_top, old_total = tf.gather(top, rows), tf.gather(total, rows)
+      merged = tf.maximum(old_top, new_top)
+      merged_total = (old_total * tf.exp(old_top - merged) +
+                      new_total * tf.exp(new_top - merged))
+      rows = rows[:, None]
+      return (i + 1, tf.tensor_scatter_nd_update(top, rows, merged),
+              tf.tensor_scatter_nd_update(total, rows, merged_total))
+
+    top, total = self._loop(body, [tf.fill([self.padded], _MIN),
+                                   tf.zeros([self.padded])])
+    self.lse = (top + tf.math.log(total))[:self.n]
+    return self.lse
+
+  def gradient(self, weights):
+    """`(diag(w) P + P^T diag(w)) x` for row weights `w` `[n]`, P = softmax."""
+    end = self.two_sided_end
+    # log(w) - lse, -inf for weight 0 and padded rows: their terms vanish.
+    shift = tf.pad(tf.math.log(weights) - self.lse,
+                   [[0, self.padded - self.n]], constant_values=-np.inf)
+    pad_right = tf.fill([self.width - (end or 0)], -np.inf)
+
+    def body(i, dx):
+      rows, cols, a, c, logits = self._slab(i)
+      # Padded rows are zero, so the logits they meet add nothing below.
+      q = tf.exp(logits + tf.gather(shift, rows)[:, None])
+      if end is not None:
+        col_shift = tf.concat([tf.fill([self.rows], -np.inf),
+                               tf.gather(shift, cols[self.rows:end]),
+                               pad_right], 0)
+        q += tf.exp(logits + col_shift[None, :])
+      dx = tf.tensor_scatter_nd_add(dx, rows[:, None], tf.matmul(q, c))
+      return i + 1, tf.tensor_scatter_nd_add(
+          dx, cols[:, None], tf.matmul(q, a, transpose_a=True))
+
+    dx, = self._loop(body, [tf.zeros([self.padded, self.dim])])
+    return dx[:self.n]
+
+
 def _terms(anchors, contrast, ids, *, offset, temperature, summation,
            denominator, positives_cap, scale_by_temperature, block_size,
            class_sums):
@@ -170,6 +308,7 @@ def _terms(anchors, contrast, ids, *, offset, temperature, summation,
                                  or block_size < 1):
     raise ValueError(f"block_size={block_size!r} must be a positive int "
                      "(anchor rows per block) or None (automatic).")
+  same_tensor = anchors is contrast
   anchors = tf.cast(anchors, tf.float32)
   contrast = tf.cast(contrast, tf.float32)
   anchor_views, views, dim = anchors.shape[1], contrast.shape[1], (
@@ -178,7 +317,18 @@ def _terms(anchors, contrast, ids, *, offset, temperature, summation,
   cols = global_batch * views
   if block_size is None:
     block_size = auto_block_size(cols if isinstance(cols, int) else None)
+  # The per-class sums need the whole positive set of a class, so no cap.
+  class_sums = class_sums and (summation == "out" and denominator == "all" and
+                               (positives_cap is None or ids is None))
+  # One replica, every view an anchor: the logits are symmetric.
+  symmetric = (class_sums and same_tensor and isinstance(cols, int) and
+               _SymmetricSweeps.plan(cols, int(block_size))[1] >=
+               MIN_SYMMETRIC_BLOCKS)
   per_block = max(1, int(block_size) // anchor_views)  # samples per block
+  if isinstance(batch, int):  # no padding beyond the batch
+    per_block = min(per_block, max(batch, 1))
+  if symmetric:  # blocks of rows are planned by _SymmetricSweeps instead
+    per_block, offset = max(batch, 1), 0
   rows = per_block * anchor_views
   num_blocks = (batch + per_block - 1) // per_block
   padded = num_blocks * per_block
@@ -186,9 +336,6 @@ def _terms(anchors, contrast, ids, *, offset, temperature, summation,
   inv_tau = 1.0 / temperature
   scale = temperature if scale_by_temperature else tf.constant(1.0)
   offset = tf.cast(offset, tf.int32)
-  # The per-class sums need the whole positive set of a class, so no cap.
-  class_sums = class_sums and (summation == "out" and denominator == "all" and
-                               (positives_cap is None or ids is None))
 
   # Per sample of the padded local batch: which class, how many positives.
   cls, rank, count = _class_stats(ids, global_batch)
@@ -328,6 +475,34 @@ def _terms(anchors, contrast, ids, *, offset, temperature, summation,
       return result[1]
     return (tf.reshape(result[2].stack(), [-1]),
             tf.reshape(result[3].stack(), [-1, dim]), result[1])
+
+  if symmetric:
+
+    @tf.custom_gradient
+    def symmetric_loss_fn(features):
+      x = tf.reshape(features, [cols, dim])
+      sweeps = _SymmetricSweeps(x, inv_tau, int(block_size))
+      per_class = tf.math.unsorted_segment_sum(x, row_class, global_batch)
+      positives = tf.gather(per_class, row_class) - x
+      row_loss = sweeps.logsumexp() - tf.reduce_sum(x * positives, 1) * (
+          inv_tau * row_inv_pos)
+      row_loss = tf.where(row_valid, row_loss, 0.0)
+      loss = tf.reduce_sum(tf.reshape(row_loss, [batch, views]), 1) * (
+          scale / views)
+
+      def grad(dloss):
+        row_w = per_row(tf.cast(dloss, tf.float32)) * row_weight
+        wa = (row_w * row_inv_pos)[:, None] * x
+        # Positive terms, anchor side then contrast side (pos is symmetric).
+        dx = sweeps.gradient(row_w) - positives * (row_w * row_inv_pos)[
+            :, None] + wa - tf.gather(
+                tf.math.unsorted_segment_sum(wa, row_class, global_batch),
+                row_class)
+        return tf.reshape(dx, tf.shape(features))
+
+      return loss, grad
+
+    return symmetric_loss_fn(anchors), valid
 
   def flat_anchors(x):
     x = tf.reshape(x, [-1, dim])

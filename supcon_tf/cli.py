@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -42,6 +43,8 @@ flags.DEFINE_integer("num_views", 2, "Views per image.")
 flags.DEFINE_enum("augmentation", "simclr", config_lib.AUGMENTATIONS,
                   "View augmentation policy.")
 flags.DEFINE_bool("blur", False, "Gaussian blur in the SimCLR policy.")
+flags.DEFINE_bool("skip_corrupt", False, "In folder datasets, skip (and "
+                  "count) undecodable image files instead of failing.")
 flags.DEFINE_float("validation_fraction", 0.1, "Share of the training split "
                    "held out for linear-evaluation choices.")
 flags.DEFINE_integer("batch_size", 256, "Global batch size (samples).")
@@ -119,7 +122,8 @@ def data_config() -> config_lib.DataConfig:
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
       image_size=FLAGS.image_size, num_views=FLAGS.num_views,
       augmentation=FLAGS.augmentation, blur=FLAGS.blur,
-      validation_fraction=FLAGS.validation_fraction)
+      validation_fraction=FLAGS.validation_fraction,
+      skip_corrupt=FLAGS.skip_corrupt)
 
 
 def linear_config() -> config_lib.LinearEvalConfig:
@@ -240,8 +244,20 @@ def main(argv):
 
 
 def _fail(error) -> None:
-  print(f"supcon-tf: error: {error}", file=sys.stderr)
+  print(f"supcon-tf: error: {_as_flags(str(error))}", file=sys.stderr)
   sys.exit(1)
+
+
+def _as_flags(message: str) -> str:
+  """Names `DataConfig` fields in library errors by their flags.
+
+  Only `DataConfig`: its fields and their flags share names, while e.g.
+  `LinearEvalConfig.batch_size` is `--linear_batch_size`.
+  """
+  return re.sub(
+      r"\bDataConfig\.(\w+)",
+      lambda m: f"--{m.group(1)}" if m.group(1) in FLAGS else m.group(0),
+      message)
 
 
 def run():

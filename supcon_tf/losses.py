@@ -71,7 +71,7 @@ def supcon_loss(features, labels=None, *, mask=None, temperature=0.1,
       flow back through the gather). A no-op on one replica.
     block_size: how the `[anchor_rows, contrast_rows]` logits are computed.
       `None` (automatic): in blocks when there are more than
-      `blockwise.AUTO_MIN_LOGITS` (2048 * 2048) of them and `labels` are
+      `blockwise.AUTO_MIN_LOGITS` (1024 * 1024) of them and `labels` are
       class ids or absent, densely otherwise. `0`: always densely. A
       positive int: in blocks of that many anchor rows (rounded down to whole
       samples), which needs class ids or no labels. The block path gives the

@@ -143,6 +143,14 @@ class Trainer:
     outputs = tf.cast(self.head(representation, training=training),
                       tf.float32)
     if method == "ce":
+      # CPU kernels reject out-of-range labels but GPU ones return NaN, which
+      # would surface as a "non-finite loss" with the cause hidden.
+      in_range = tf.reduce_all((labels >= 0) & (labels < self.num_classes))
+      check = tf.debugging.Assert(in_range, [
+          f"method='ce' needs labels in [0, num_classes={self.num_classes}); "
+          "got labels:", labels], summarize=16)
+      with tf.control_dependencies([check]):
+        labels = tf.identity(labels)
       per_sample = keras.losses.sparse_categorical_crossentropy(
           labels, outputs, from_logits=True)
       valid = tf.ones_like(per_sample, tf.bool)
@@ -196,6 +204,13 @@ class Trainer:
       metrics = self.distributed_step(views, labels)
       totals = {k: totals[k] + metrics[k] for k in totals}
     return {k: v / tf.cast(steps, tf.float32) for k, v in totals.items()}
+
+  @tf.function
+  def weights_are_finite(self):
+    """True when every weight (BN statistics included) is finite."""
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(w))
+                          for w in self.encoder.weights + self.head.weights
+                          if keras.backend.is_float_dtype(w.dtype)])
 
   def checkpoint(self, **extra) -> tf.train.Checkpoint:
     return tf.train.Checkpoint(encoder=self.encoder, head=self.head,
@@ -251,13 +266,26 @@ def check_batch(global_batch: int, replicas: int) -> None:
 
 
 def check_resumable(workdir: str, config: config_lib.TrainConfig,
-                    name: str = "config.json") -> None:
-  """Writes the run's config, or refuses a resume that changes it."""
+                    name: str = "config.json", *, write: bool = True) -> None:
+  """Writes the run's config, or refuses a resume that changes it.
+
+  Args:
+    workdir: the run's directory.
+    config: the run's configuration.
+    name: file of the stored configuration in `workdir`.
+    write: write the configuration when `workdir` holds none yet; False only
+      checks (so that a run failing before its first step claims nothing).
+
+  Raises:
+    TrainingError: `workdir` holds a run whose configuration differs in a
+      field other than `RESUMABLE_CHANGES`; the message names each field
+      (nested ones dotted, e.g. `loss.temperature`).
+  """
   path = os.path.join(workdir, name)
-  current = config_lib.to_dict(config)
+  current = _flatten(json.loads(config_lib.to_json(config)))  # As stored.
   if tf.io.gfile.exists(path):
     with tf.io.gfile.GFile(path) as f:
-      stored = json.load(f)
+      stored = _flatten(json.load(f))
     changed = sorted(k for k in set(stored) | set(current)
                      if k not in RESUMABLE_CHANGES and
                      stored.get(k) != current.get(k))
@@ -269,7 +297,19 @@ def check_resumable(workdir: str, config: config_lib.TrainConfig,
           "Resuming would silently change the experiment: use a new work dir "
           "or the stored settings.")
     return
-  atomic_write(path, config_lib.to_json(config))
+  if write:
+    atomic_write(path, config_lib.to_json(config))
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+  """`{"loss": {"temperature": t}}` -> `{"loss.temperature": t}`."""
+  flat = {}
+  for key, value in values.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
 
 
 def atomic_write(path: str, text: str) -> None:
@@ -339,9 +379,10 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
   Writes `config.json`, checkpoints under `checkpoints/` (model, optimizer,
   step and the data iterator, so a resumed run continues on exactly the
   same batches), and TensorBoard summaries under `train/`. A crash loses at
-  most the steps since the last checkpoint. A non-finite loss stops the run
-  with `TrainingError` before anything is saved over the last good
-  checkpoint.
+  most the steps since the last checkpoint. A non-finite loss or weight
+  stops the run with `TrainingError` before anything is saved over the last
+  good checkpoint. `config.json` is written once the data and any checkpoint
+  have loaded.
 
   Args:
     config: the run.
@@ -365,7 +406,7 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
     tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.seed)
   _check_writable(workdir)
-  check_resumable(workdir, config)
+  check_resumable(workdir, config, write=False)
 
   if dataset_fn is None:
     info = data.dataset_info(config.data)
@@ -400,6 +441,9 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
                           os.path.join(workdir, "checkpoints"), strategy,
                           config.keep_checkpoints)
   restored = saver.restore()
+  # Only now: a run that fails on its data or on a foreign checkpoint leaves
+  # no config.json behind to refuse the corrected command.
+  check_resumable(workdir, config)
   step = int(trainer.step.numpy())
   if restored and verbose:
     logging.info("Resumed from %s at step %d.", restored, step)
@@ -420,10 +464,16 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
     metrics = {k: float(v) for k, v in
                trainer.train_loop(iterator, tf.constant(steps)).items()}
     elapsed = time.perf_counter() - start
-    if not all(math.isfinite(v) for v in metrics.values()):
+    # The metrics come from the weights before each update: an update can
+    # still leave inf/NaN weights (or BN statistics) behind a finite loss.
+    finite_metrics = all(math.isfinite(v) for v in metrics.values())
+    if not finite_metrics or not bool(trainer.weights_are_finite()):
+      where = (f"step {step + 1}" if steps == 1 else
+               f"steps {step + 1}..{step + steps}")
+      what = (f"training metrics {metrics}" if not finite_metrics else
+              f"weights (metrics {metrics})")
       raise TrainingError(
-          f"Non-finite training metrics {metrics} in the steps "
-          f"{step + 1}..{step + steps}; nothing was saved after step "
+          f"Non-finite {what} at {where}; nothing was saved after step "
           f"{last_saved}. Lower the learning rate or check the inputs.")
     step += steps
     rate = steps * config.batch_size / elapsed

@@ -11,6 +11,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+import conftest
+
 from supcon_tf import config
 from supcon_tf import data
 
@@ -143,7 +145,7 @@ def test_global_batch_not_divisible_by_replicas(tmp_path):
 
 
 def test_distribute_datasets_from_function(tmp_path):
-  strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+  strategy = conftest.make_mirrored(2)
   with mock_tfds(tmp_path):
     dist = strategy.distribute_datasets_from_function(
         lambda ctx: data.pretrain_dataset(_cfg(), global_batch_size=4,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import conftest
 from supcon_tf import config as config_lib
 from supcon_tf import optimizers
 
@@ -404,7 +405,7 @@ def test_lars_mirrored_matches_single_device():
   rng = np.random.default_rng(5)
   x = rng.normal(size=(8, 4)).astype(np.float32)
   y = rng.normal(size=(8, 3)).astype(np.float32)
-  mirrored = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+  mirrored = conftest.make_mirrored(2)
   single = tf.distribute.OneDeviceStrategy(devices[0].name)
   got = _mirrored_problem(mirrored, x, y, grad_steps=3)
   want = _mirrored_problem(single, x, y, grad_steps=3)
