@@ -191,11 +191,12 @@ def step_of(message):
 @pytest.mark.slow
 def test_pretrain_killed_anywhere_resumes_bit_exact(tmp_path):
   rng = random.Random()
-  seed = rng.randrange(10**6)
+  seed = int(os.environ.get("KILL_SEED", rng.randrange(10**6)))
   rng.seed(seed)
   kill_step = rng.randint(3, driver.STEPS - 2)  # After the first checkpoint.
   delay = rng.uniform(0.0, 0.6)  # Between steps, in a save or in the next.
-  where = f"kill after step {kill_step} + {delay:.2f} s (seed {seed})"
+  where = (f"kill after step {kill_step} + {delay:.2f} s (seed {seed}; "
+           f"rerun with KILL_SEED={seed})")
   dirs = {name: str(tmp_path / name) for name in ("straight", "random",
                                                   "in_save")}
   straight = start_driver(tmp_path, "straight", "pretrain", dirs["straight"])
@@ -232,7 +233,7 @@ def test_pretrain_killed_anywhere_resumes_bit_exact(tmp_path):
 @pytest.mark.slow
 def test_linear_eval_killed_resumes_bit_exact(tmp_path):
   rng = random.Random()
-  seed = rng.randrange(10**6)
+  seed = int(os.environ.get("KILL_SEED", rng.randrange(10**6)))
   rng.seed(seed)
   # Epochs count on over both learning rates (1..2 * EPOCHS).
   kill_epoch = rng.randint(1, 2 * driver.EPOCHS - 1)
@@ -249,7 +250,8 @@ def test_linear_eval_killed_resumes_bit_exact(tmp_path):
   finish(straight)
   finish(again)
 
-  where = f"kill after epoch {kill_epoch} + {delay:.2f} s (seed {seed})"
+  where = (f"kill after epoch {kill_epoch} + {delay:.2f} s (seed {seed}; "
+           f"rerun with KILL_SEED={seed})")
   results = {}
   for name, path in dirs.items():
     assert not (path / linear_eval.BACKUP_DIR).exists(), where

@@ -102,7 +102,7 @@ def reference():
   return initial, losses, weights(trainer)
 
 
-@pytest.mark.parametrize("replicas", [2, 4])
+@pytest.mark.parametrize("replicas", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_replicas_match_single_device(reference, replicas):
   initial, losses, final = reference
   trainer = make_trainer(replicas, tiny_config(), initial)
