@@ -1,10 +1,12 @@
 """Shared test set-up: runs before any test module touches TensorFlow."""
 
+import contextlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
+import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
 # Four logical CPUs let MirroredStrategy tests run 2- and 4-replica
 # training on a CPU-only machine. Must happen before TF initialises devices.
@@ -33,3 +35,27 @@ def make_mirrored(replicas):
       10_000 * _strategies_made[0])
   devices = [d.name for d in tf.config.list_logical_devices("CPU")]
   return tf.distribute.MirroredStrategy(devices[:replicas])
+
+
+@contextlib.contextmanager
+def mock_tfds(tmp_path, name="cifar10", num_examples=12, num_train=20,
+              num_test=10):
+  """Mocks TFDS `name` with `num_examples` random records per split.
+
+  The split sizes recorded in the metadata (`num_train`, `num_test`) are what
+  `dataset_info` reports; the mocked reader yields `num_examples` records for
+  any split.
+  """
+  metadata_dir = tmp_path / "tfds_metadata"
+  builder = tfds.builder(name, data_dir=str(metadata_dir))
+  builder.info.set_splits(tfds.core.SplitDict([
+      tfds.core.SplitInfo(name="train", shard_lengths=[num_train],
+                          num_bytes=0, filename_template=None),
+      tfds.core.SplitInfo(name="test", shard_lengths=[num_test],
+                          num_bytes=0, filename_template=None),
+  ]))
+  os.makedirs(builder.data_dir)
+  builder.info.write_to_directory(builder.data_dir)
+  with tfds.testing.mock_data(num_examples=num_examples,
+                              data_dir=str(metadata_dir)):
+    yield

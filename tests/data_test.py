@@ -1,7 +1,6 @@
 """Tests for supcon_tf.data (mock TFDS data and temporary image folders)."""
 
 import collections
-import contextlib
 import logging
 import os
 import sys
@@ -9,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 import conftest
 
@@ -17,30 +15,6 @@ from supcon_tf import config
 from supcon_tf import data
 
 SHARED_TFDS = "/work/shared/tensorflow_datasets"
-
-
-@contextlib.contextmanager
-def mock_tfds(tmp_path, name="cifar10", num_examples=12, num_train=20,
-              num_test=10):
-  """Mocks TFDS `name` with `num_examples` random records per split.
-
-  The split sizes recorded in the metadata (`num_train`, `num_test`) are what
-  `dataset_info` reports; the mocked reader yields `num_examples` records for
-  any split.
-  """
-  metadata_dir = tmp_path / "tfds_metadata"
-  builder = tfds.builder(name, data_dir=str(metadata_dir))
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name="train", shard_lengths=[num_train],
-                          num_bytes=0, filename_template=None),
-      tfds.core.SplitInfo(name="test", shard_lengths=[num_test],
-                          num_bytes=0, filename_template=None),
-  ]))
-  os.makedirs(builder.data_dir)
-  builder.info.write_to_directory(builder.data_dir)
-  with tfds.testing.mock_data(num_examples=num_examples,
-                              data_dir=str(metadata_dir)):
-    yield
 
 
 def _cfg(**kwargs):
@@ -65,7 +39,7 @@ def _context(pipelines, pipeline_id, replicas):
 
 
 def test_pretrain_shapes_dtypes_range(tmp_path):
-  with mock_tfds(tmp_path):
+  with conftest.mock_tfds(tmp_path):
     ds = data.pretrain_dataset(_cfg(), global_batch_size=4, seed=0)
     assert ds.element_spec[0].shape.as_list() == [4, 2, 16, 16, 3]
     (views, labels), = _batches(ds, 1)
@@ -77,7 +51,7 @@ def test_pretrain_shapes_dtypes_range(tmp_path):
 
 
 def test_same_seed_same_batches_other_seed_differs(tmp_path):
-  with mock_tfds(tmp_path):
+  with conftest.mock_tfds(tmp_path):
     cfg = _cfg()
     first = _batches(data.pretrain_dataset(cfg, global_batch_size=4, seed=1),
                      4)
@@ -93,7 +67,7 @@ def test_same_seed_same_batches_other_seed_differs(tmp_path):
 
 
 def test_views_of_one_image_differ_and_epochs_reaugment(tmp_path):
-  with mock_tfds(tmp_path, num_examples=4):
+  with conftest.mock_tfds(tmp_path, num_examples=4):
     ds = data.pretrain_dataset(_cfg(shuffle_buffer=1), global_batch_size=4,
                                seed=0)
     (epoch1, _), (epoch2, _) = _batches(ds, 2)
@@ -104,7 +78,7 @@ def test_views_of_one_image_differ_and_epochs_reaugment(tmp_path):
 
 
 def test_no_augment_gives_resized_images(tmp_path):
-  with mock_tfds(tmp_path, num_examples=4):
+  with conftest.mock_tfds(tmp_path, num_examples=4):
     cfg = _cfg(image_size=32, shuffle_buffer=1)
     (views, labels), = _batches(
         data.pretrain_dataset(cfg, global_batch_size=4, seed=0,
@@ -117,7 +91,7 @@ def test_no_augment_gives_resized_images(tmp_path):
 
 
 def test_sharding_gives_disjoint_per_replica_batches(tmp_path):
-  with mock_tfds(tmp_path, num_examples=12):
+  with conftest.mock_tfds(tmp_path, num_examples=12):
     cfg = _cfg(image_size=32)
     seen = []
     for pipeline_id in range(2):
@@ -135,7 +109,7 @@ def test_sharding_gives_disjoint_per_replica_batches(tmp_path):
 
 
 def test_global_batch_not_divisible_by_replicas(tmp_path):
-  with mock_tfds(tmp_path):
+  with conftest.mock_tfds(tmp_path):
     with pytest.raises(ValueError, match="not divisible"):
       data.pretrain_dataset(_cfg(), global_batch_size=5, seed=0,
                             input_context=_context(1, 0, 2))
@@ -146,7 +120,7 @@ def test_global_batch_not_divisible_by_replicas(tmp_path):
 
 def test_distribute_datasets_from_function(tmp_path):
   strategy = conftest.make_mirrored(2)
-  with mock_tfds(tmp_path):
+  with conftest.mock_tfds(tmp_path):
     dist = strategy.distribute_datasets_from_function(
         lambda ctx: data.pretrain_dataset(_cfg(), global_batch_size=4,
                                           seed=0, input_context=ctx))
@@ -158,7 +132,7 @@ def test_distribute_datasets_from_function(tmp_path):
 
 
 def test_tfds_split_sizes(tmp_path):
-  with mock_tfds(tmp_path, num_train=20, num_test=10):
+  with conftest.mock_tfds(tmp_path, num_train=20, num_test=10):
     info = data.dataset_info(_cfg(validation_fraction=0.1))
     assert (info.num_train, info.num_val, info.num_test) == (18, 2, 10)
     assert info.num_classes == 10 and len(info.class_names) == 10
@@ -170,7 +144,7 @@ def test_tfds_split_sizes(tmp_path):
 
 
 def test_eval_dataset_keeps_every_example(tmp_path):
-  with mock_tfds(tmp_path, num_examples=7):
+  with conftest.mock_tfds(tmp_path, num_examples=7):
     batches = _batches(data.eval_dataset(_cfg(image_size=8), "test",
                                          batch_size=3), 10)
   assert [x.shape for x, _ in batches] == [(3, 8, 8, 3), (3, 8, 8, 3),
@@ -180,7 +154,7 @@ def test_eval_dataset_keeps_every_example(tmp_path):
 
 
 def test_supervised_dataset_single_view(tmp_path):
-  with mock_tfds(tmp_path):
+  with conftest.mock_tfds(tmp_path):
     (images, labels), = _batches(
         data.supervised_dataset(_cfg(augmentation="randaugment"),
                                 global_batch_size=4, seed=0), 1)
@@ -201,13 +175,13 @@ def test_unknown_tfds_name():
 
 
 def test_non_rgb_tfds_dataset(tmp_path):
-  with mock_tfds(tmp_path, name="mnist"):
+  with conftest.mock_tfds(tmp_path, name="mnist"):
     with pytest.raises(ValueError, match="3-channel"):
       data.dataset_info(_cfg(dataset="mnist"))
 
 
 def test_bad_split_name(tmp_path):
-  with mock_tfds(tmp_path):
+  with conftest.mock_tfds(tmp_path):
     with pytest.raises(ValueError, match="split"):
       data.eval_dataset(_cfg(), "val", batch_size=2)
 

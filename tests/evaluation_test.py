@@ -1,6 +1,5 @@
 """Tests of supcon_tf.evaluation and supcon_tf.plots."""
 
-import contextlib
 import json
 import os
 import sys
@@ -9,8 +8,8 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
+import conftest
 from supcon_tf import config as config_lib
 from supcon_tf import data
 from supcon_tf import evaluation
@@ -491,22 +490,9 @@ def test_compare_robustness_reads_every_workdir(tmp_path):
 IMAGE = 8
 
 
-@contextlib.contextmanager
 def mock_cifar10(tmp_path, num_examples=20, num_train=20, num_test=10):
-  """Mocks TFDS cifar10; `dataset_info` reports the given split sizes."""
-  metadata_dir = tmp_path / "tfds_metadata"
-  builder = tfds.builder("cifar10", data_dir=str(metadata_dir))
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name="train", shard_lengths=[num_train],
-                          num_bytes=0, filename_template=None),
-      tfds.core.SplitInfo(name="test", shard_lengths=[num_test],
-                          num_bytes=0, filename_template=None),
-  ]))
-  os.makedirs(builder.data_dir)
-  builder.info.write_to_directory(builder.data_dir)
-  with tfds.testing.mock_data(num_examples=num_examples,
-                              data_dir=str(metadata_dir)):
-    yield
+  return conftest.mock_tfds(tmp_path, "cifar10", num_examples, num_train,
+                           num_test)
 
 
 def test_evaluate_workdir_end_to_end(tmp_path):

@@ -1,6 +1,5 @@
 """Tests of supcon_tf.linear_eval: frozen encoder, honest selection, resume."""
 
-import contextlib
 import json
 import os
 import sys
@@ -9,7 +8,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 import conftest
 from supcon_tf import config as config_lib
@@ -284,22 +282,9 @@ def test_killed_run_resumes(tmp_path, monkeypatch):
   assert not os.path.exists(tmp_path / linear_eval.BACKUP_DIR)
 
 
-@contextlib.contextmanager
 def mock_cifar10(tmp_path, num_examples=16, num_train=16, num_test=8):
-  """Mocks TFDS cifar10; `dataset_info` reports the given split sizes."""
-  metadata_dir = tmp_path / "tfds_metadata"
-  builder = tfds.builder("cifar10", data_dir=str(metadata_dir))
-  builder.info.set_splits(tfds.core.SplitDict([
-      tfds.core.SplitInfo(name="train", shard_lengths=[num_train],
-                          num_bytes=0, filename_template=None),
-      tfds.core.SplitInfo(name="test", shard_lengths=[num_test],
-                          num_bytes=0, filename_template=None),
-  ]))
-  os.makedirs(builder.data_dir)
-  builder.info.write_to_directory(builder.data_dir)
-  with tfds.testing.mock_data(num_examples=num_examples,
-                              data_dir=str(metadata_dir)):
-    yield
+  return conftest.mock_tfds(tmp_path, "cifar10", num_examples, num_train,
+                           num_test)
 
 
 def test_augmented_images_from_tfds_leave_encoder_untouched(tmp_path):
