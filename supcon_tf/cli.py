@@ -48,7 +48,7 @@ flags.DEFINE_bool("skip_corrupt", False, "In folder datasets, skip (and "
 flags.DEFINE_float("validation_fraction", 0.1, "Share of the training split "
                    "held out for linear-evaluation choices.")
 flags.DEFINE_integer("batch_size", 256, "Global batch size (samples).")
-flags.DEFINE_float("epochs", 15, "Pretraining epochs.")
+flags.DEFINE_float("epochs", 12, "Pretraining epochs.")
 flags.DEFINE_integer("steps", None, "Pretraining steps (overrides --epochs).")
 flags.DEFINE_float("temperature", 0.1, "Loss temperature.")
 flags.DEFINE_enum("contrast_mode", "all", config_lib.CONTRAST_MODES, "Anchors.")
