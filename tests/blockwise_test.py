@@ -200,7 +200,9 @@ def test_tf_function_and_xla(jit_compile, kwargs):
     np.testing.assert_allclose(grad, want[2], rtol=TOL, atol=TOL)
 
 
-def test_unknown_batch_dispatches_at_run_time(monkeypatch):
+@pytest.fixture
+def block_calls(monkeypatch):
+  """Block sizes passed to `blockwise_terms`, with a 20 x 20 threshold."""
   calls = []
   original = blockwise.blockwise_terms
 
@@ -210,6 +212,11 @@ def test_unknown_batch_dispatches_at_run_time(monkeypatch):
 
   monkeypatch.setattr(blockwise, "blockwise_terms", spy)
   monkeypatch.setattr(blockwise, "AUTO_MIN_LOGITS", 20 * 20)
+  return calls
+
+
+def test_unknown_batch_dispatches_at_run_time(block_calls):
+  calls = block_calls
 
   @tf.function(input_signature=[tf.TensorSpec([None, 2, 8]),
                                 tf.TensorSpec([None], tf.int32)])
@@ -228,16 +235,8 @@ def test_unknown_batch_dispatches_at_run_time(monkeypatch):
   assert calls == [None]  # traced once, as the cond's block branch
 
 
-def test_automatic_dispatch(monkeypatch):
-  calls = []
-  original = blockwise.blockwise_terms
-
-  def spy(*args, **kwargs):
-    calls.append(kwargs["block_size"])
-    return original(*args, **kwargs)
-
-  monkeypatch.setattr(blockwise, "blockwise_terms", spy)
-  monkeypatch.setattr(blockwise, "AUTO_MIN_LOGITS", 20 * 20)
+def test_automatic_dispatch(block_calls):
+  calls = block_calls
   small, large = _features(6, 2), _features(15, 2)
   losses.supcon_loss(small, _labels(6, 3))
   assert calls == []

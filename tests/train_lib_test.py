@@ -126,22 +126,15 @@ def test_without_gather_differs(reference, monkeypatch):
                  for g, w in zip(weights(trainer), final))
 
 
-def test_simclr_replicas_match_single_device():
-  single = make_trainer(1, tiny_config("simclr"))
+@pytest.mark.parametrize("method", ["simclr", "ce"])
+def test_other_methods_replicas_match_single_device(method):
+  single = make_trainer(1, tiny_config(method))
   initial = weights(single)
   want = train(single, 2)
-  double = make_trainer(2, tiny_config("simclr"), initial)
+  double = make_trainer(2, tiny_config(method), initial)
   np.testing.assert_allclose(train(double, 2), want, rtol=1e-5, atol=1e-6)
   for got, ref in zip(weights(double), weights(single)):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
-
-
-def test_cross_entropy_replicas_match_single_device():
-  single = make_trainer(1, tiny_config("ce"))
-  initial = weights(single)
-  want = train(single, 2)
-  double = make_trainer(2, tiny_config("ce"), initial)
-  np.testing.assert_allclose(train(double, 2), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
