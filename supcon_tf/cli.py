@@ -168,10 +168,12 @@ def run_pipeline(mode: str, workdir: str) -> dict:
     config = train_config()
     start = time.time()
     result = train_lib.pretrain(config, pretrain_dir, strategy)
-    report["pretrain"] = {"method": config.method, "steps": result.step,
-                          "final_loss": result.loss,
-                          "images_per_second": result.images_per_second,
-                          "seconds_this_run": round(time.time() - start, 1)}
+    # A rerun of a finished pretraining trains nothing: keep its report.
+    if report.get("pretrain", {}).get("steps") != result.step:
+      report["pretrain"] = {"method": config.method, "steps": result.step,
+                            "final_loss": result.loss,
+                            "images_per_second": result.images_per_second,
+                            "seconds_this_run": round(time.time() - start, 1)}
   if mode == "pretrain" or not chief:
     return _write_report(report_path, report, chief)
   config = train_lib.load_config(pretrain_dir)
