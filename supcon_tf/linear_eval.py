@@ -34,10 +34,7 @@ iterated.
 """
 
 import dataclasses
-import hashlib
-import io
 import json
-import math
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -48,14 +45,12 @@ import tensorflow as tf
 
 from supcon_tf import config as config_lib
 from supcon_tf import data
+from supcon_tf import linear_backup
 from supcon_tf import train_lib
 
 RESULT_FILE = "linear_eval.json"
 BACKUP_DIR = "linear_backup"
 SELECTED_ON = ("validation", "none")
-_RUN_FILE = "run.json"
-_STATE_FILE = "state.json"
-_BACKUP_FILE = "backup.json"
 
 
 @keras.saving.register_keras_serializable(package="supcon_tf")
@@ -320,15 +315,15 @@ def linear_eval(encoder: keras.Model,
 
   backup_root = os.path.join(workdir, BACKUP_DIR) if workdir else None
   if backup_root:
-    _check_run(backup_root, {
+    linear_backup.check_run(backup_root, {
         "config": config_lib.to_dict(config),
         "data": (config_lib.to_dict(data_config) if datasets is None
                  else "custom datasets"),
-        "encoder_sha256": _fingerprint(encoder),
+        "encoder_sha256": linear_backup.fingerprint(encoder),
         "num_classes": num_classes,
         "cached_features": cached,
     })
-  selection = _Selection(learning_rates, select, backup_root)
+  selection = linear_backup.Selection(learning_rates, select, backup_root)
 
   def train_stream():
     """A new pipeline of the training batches, repeating forever.
@@ -375,10 +370,11 @@ def linear_eval(encoder: keras.Model,
     with strategy.scope():
       _compile(model, _optimizer(config, learning_rate,
                                  steps_per_epoch * config.epochs), top5_k)
-    callbacks = [_EpochRecorder(selection, index, dense)]
+    callbacks = [linear_backup.EpochRecorder(selection, index, dense)]
     done = 0
     if backup_root:
-      backup = _EpochBackup(os.path.join(backup_root, f"lr{index}"))
+      backup = linear_backup.EpochBackup(
+          os.path.join(backup_root, f"lr{index}"))
       with strategy.scope():  # Optimizer variables made here are mirrored.
         done = backup.restore(model)
       # After the recorder, so that a kill between the two re-runs the epoch
@@ -514,169 +510,3 @@ def _compile(model: keras.Model, optimizer, top5_k: int) -> None:
                keras.metrics.SparseTopKCategoricalAccuracy(k=top5_k,
                                                            name="top5")],
       **kwargs)
-
-
-def _fingerprint(encoder: keras.Model) -> str:
-  digest = hashlib.sha256()
-  for weight in encoder.weights:
-    value = np.asarray(weight.numpy())
-    digest.update(str((weight.path, value.shape, value.dtype.str)).encode())
-    digest.update(np.ascontiguousarray(value).tobytes())
-  return digest.hexdigest()
-
-
-def _check_run(backup_root: str, run: Dict[str, Any]) -> None:
-  """Starts a resumable run, or checks that it resumes the same one."""
-  path = os.path.join(backup_root, _RUN_FILE)
-  run = json.loads(json.dumps(run))  # As stored: tuples become lists.
-  if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      stored = json.load(f)
-    changed = sorted(k for k in set(stored) | set(run)
-                     if stored.get(k) != run.get(k))
-    if changed:
-      raise train_lib.TrainingError(
-          f"{backup_root} holds an unfinished linear evaluation with other "
-          f"settings ({', '.join(changed)} differ). Resuming it would mix "
-          "two experiments: use another workdir, restore the settings, or "
-          f"delete {backup_root} to start over.")
-    return
-  tf.io.gfile.makedirs(backup_root)
-  train_lib.atomic_write(path, json.dumps(run, indent=2, sort_keys=True))
-
-
-class _Selection:
-  """Per-epoch records of every learning rate and the best weights so far.
-
-  With `select`, "best" is the highest validation top-1 (strictly higher
-  wins, so ties keep the earlier learning rate and epoch); without, it is
-  the latest epoch. With a `directory`, the state is saved after every
-  epoch and loaded when the object is made, so a killed run resumes.
-  """
-
-  def __init__(self, learning_rates, select, directory=None):
-    self.select = select
-    self.directory = directory
-    self.history: List[List[Dict[str, float]]] = [[] for _ in learning_rates]
-    self.done = [False] * len(learning_rates)
-    self.best: Optional[Dict[str, Any]] = None
-    self.best_weights = None
-    if directory and tf.io.gfile.exists(self._path(_STATE_FILE)):
-      with tf.io.gfile.GFile(self._path(_STATE_FILE)) as f:
-        state = json.load(f)
-      self.history, self.done, self.best = (state["history"], state["done"],
-                                            state["best"])
-      if self.best is not None:
-        with tf.io.gfile.GFile(self._path(self.best["weights_file"]),
-                               "rb") as f:
-          stored = np.load(io.BytesIO(f.read()))
-        self.best_weights = [stored[f"w{i}"] for i in range(len(stored))]
-
-  def _path(self, name):
-    return os.path.join(self.directory, name)
-
-  def record(self, index: int, epoch: int, logs: Dict[str, float],
-             weights: List[np.ndarray]) -> None:
-    """Adds epoch `epoch` (1-based) of learning rate `index`."""
-    entry = {"epoch": epoch, **{k: float(v) for k, v in logs.items()}}
-    # A resumed run may repeat an epoch: the new record replaces the old.
-    self.history[index] = [r for r in self.history[index]
-                           if r["epoch"] < epoch] + [entry]
-    if self.select and "val_top1" not in entry:
-      raise ValueError("Validation metrics are missing from the epoch logs.")
-    score = entry["val_top1"] if self.select else epoch
-    best = self.best
-    redone = best is not None and (best["index"], best["epoch"]) == (index,
-                                                                    epoch)
-    if best is None or redone or score > best["score"]:
-      self.best = {"index": index, "epoch": epoch, "score": score,
-                   **{k: entry[k] for k in ("val_top1", "val_top5")
-                      if k in entry}}
-      self.best_weights = [np.array(w) for w in weights]
-      if self.directory:
-        self.best["weights_file"] = f"best-lr{index}-epoch{epoch}.npz"
-        self._save_weights(self.best["weights_file"])
-    self._save()
-
-  def finish(self, index: int) -> None:
-    self.done[index] = True
-    self._save()
-
-  def _save_weights(self, name):
-    # np.savez needs a seekable file, which a GFile in write mode is not.
-    buffer = io.BytesIO()
-    np.savez(buffer, **{f"w{i}": w for i, w in enumerate(self.best_weights)})
-    tmp = self._path(f"{name}.tmp-{os.getpid()}")
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-      f.write(buffer.getvalue())
-    tf.io.gfile.rename(tmp, self._path(name), overwrite=True)
-
-  def _save(self):
-    if not self.directory:
-      return
-    train_lib.atomic_write(self._path(_STATE_FILE), json.dumps(
-        {"history": self.history, "done": self.done, "best": self.best}))
-    keep = self.best and self.best.get("weights_file")
-    for name in tf.io.gfile.listdir(self.directory):
-      if name.startswith("best-") and name.endswith(".npz") and name != keep:
-        tf.io.gfile.remove(self._path(name))
-
-
-class _EpochBackup(keras.callbacks.Callback):
-  """Saves the model (weights and optimizer state) after every epoch.
-
-  Used instead of `keras.callbacks.BackupAndRestore` (Keras 3.15), which
-  overwrites its weights file in place and then writes the epoch count to a
-  second file: a kill during a save leaves a truncated weights file (the
-  resume fails) or new weights beside the old count (the resume trains an
-  epoch twice). Here each epoch's weights go to a new file, and one
-  atomically replaced state file names it with the epochs it holds.
-
-  Args:
-    directory: the backup's directory (created on the first save).
-  """
-
-  def __init__(self, directory: str):
-    super().__init__()
-    self.directory = directory
-
-  def restore(self, model: keras.Model) -> int:
-    """Loads the backup into compiled `model`; returns its finished epochs.
-
-    Returns 0 and leaves `model` as it is when there is no backup.
-    """
-    path = os.path.join(self.directory, _BACKUP_FILE)
-    if not tf.io.gfile.exists(path):
-      return 0
-    with tf.io.gfile.GFile(path) as f:
-      state = json.load(f)
-    if not model.optimizer.built:
-      model.optimizer.build(model.trainable_variables)
-    model.load_weights(os.path.join(self.directory, state["weights"]))
-    return int(state["epochs"])
-
-  def on_epoch_end(self, epoch, logs=None):
-    tf.io.gfile.makedirs(self.directory)
-    name = f"epoch{epoch + 1}.weights.h5"
-    self.model.save_weights(os.path.join(self.directory, name),
-                            overwrite=True)
-    train_lib.atomic_write(os.path.join(self.directory, _BACKUP_FILE),
-                           json.dumps({"epochs": epoch + 1, "weights": name}))
-    for old in tf.io.gfile.listdir(self.directory):
-      if old.endswith(".weights.h5") and old != name:
-        tf.io.gfile.remove(os.path.join(self.directory, old))
-
-
-class _EpochRecorder(keras.callbacks.Callback):
-  """Hands every epoch's metrics and linear weights to a `_Selection`."""
-
-  def __init__(self, selection: _Selection, index: int,
-               dense: keras.layers.Layer):
-    super().__init__()
-    self.selection = selection
-    self.index = index
-    self.dense = dense
-
-  def on_epoch_end(self, epoch, logs=None):
-    self.selection.record(self.index, epoch + 1, dict(logs or {}),
-                          self.dense.get_weights())

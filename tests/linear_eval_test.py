@@ -11,6 +11,7 @@ import tensorflow as tf
 
 import conftest
 from supcon_tf import config as config_lib
+from supcon_tf import linear_backup
 from supcon_tf import linear_eval
 from supcon_tf import models
 from supcon_tf import train_lib
@@ -246,7 +247,7 @@ class _Killed(Exception):
 def test_killed_run_resumes(tmp_path, monkeypatch):
   config = eval_config(epochs=3)
   records = []
-  record = linear_eval._Selection.record
+  record = linear_backup.Selection.record
 
   def record_then_die(self, index, epoch, logs, weights):
     record(self, index, epoch, logs, weights)
@@ -256,7 +257,7 @@ def test_killed_run_resumes(tmp_path, monkeypatch):
       raise _Killed()
 
   killed = []
-  monkeypatch.setattr(linear_eval._Selection, "record", record_then_die)
+  monkeypatch.setattr(linear_backup.Selection, "record", record_then_die)
   encoder = tiny_encoder()
   with pytest.raises(_Killed):
     linear_eval.linear_eval(encoder, config_lib.DataConfig(), config,

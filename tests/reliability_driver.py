@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from supcon_tf import config as config_lib
 from supcon_tf import export
+from supcon_tf import linear_backup
 from supcon_tf import linear_eval
 from supcon_tf import models
 from supcon_tf import train_lib
@@ -122,7 +123,7 @@ def run_pretrain(workdir, sleep, die_in_save):
 
   train_lib.Trainer.train_loop = train_loop
   if die_in_save:
-    real_record = tf.train.CheckpointManager._record_state  # pylint: disable=protected-access
+    real_record = tf.train.CheckpointManager._record_state
 
     def record_state(manager):
       # Called once the checkpoint's files are complete, before the
@@ -131,21 +132,21 @@ def run_pretrain(workdir, sleep, die_in_save):
         _kill_self()
       real_record(manager)
 
-    tf.train.CheckpointManager._record_state = record_state  # pylint: disable=protected-access
+    tf.train.CheckpointManager._record_state = record_state
   train_lib.pretrain(tiny_config(), workdir, dataset_fn=dataset_fn,
                      verbose=False)
 
 
 def run_linear(workdir, sleep):
   tf.config.experimental.enable_op_determinism()
-  real_end = linear_eval._EpochRecorder.on_epoch_end  # pylint: disable=protected-access
+  real_end = linear_backup.EpochRecorder.on_epoch_end
 
   def on_epoch_end(self, epoch, logs=None):
     real_end(self, epoch, logs)
     print(f"epoch {self.index * EPOCHS + epoch + 1}", flush=True)
     time.sleep(sleep)
 
-  linear_eval._EpochRecorder.on_epoch_end = on_epoch_end  # pylint: disable=protected-access
+  linear_backup.EpochRecorder.on_epoch_end = on_epoch_end
   classifier, _ = linear_eval.linear_eval(
       tiny_encoder(), config_lib.DataConfig(), linear_config(),
       datasets=colour_datasets(), workdir=workdir, verbose=False)
@@ -157,13 +158,13 @@ def export_model(base, die_in_export):
   encoder = tiny_encoder()
   classifier = linear_eval.build_classifier(encoder, CLASSES)
   if die_in_export:
-    real_write = export._write_saved_model  # pylint: disable=protected-access
+    real_write = export._write_saved_model
 
     def write(module, path, signatures):
       real_write(module, path, signatures)
       _kill_self()  # The version is complete but not yet renamed into place.
 
-    export._write_saved_model = write  # pylint: disable=protected-access
+    export._write_saved_model = write
   print(export.export_classifier(classifier, base, image_size=IMAGE,
                                  encoder=encoder), flush=True)
 
