@@ -7,7 +7,8 @@ r"""The `supcon-tf` command line: the only module that reads flags.
 Modes: `pretrain`, `linear_eval`, `export`, `evaluate`, `train_ce`
 (cross-entropy baseline: `all` with --method=ce) and `all` (pretrain ->
 linear evaluation -> export -> report). Every stage resumes from what the
-work dir already holds.
+work dir already holds. The defaults are the 30-minute CPU budget
+configuration, experiments/cifar10_supcon_cpu30.cfg.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ flags.DEFINE_bool("skip_corrupt", False, "In folder datasets, skip (and "
 flags.DEFINE_float("validation_fraction", 0.1, "Share of the training split "
                    "held out for linear-evaluation choices.")
 flags.DEFINE_integer("batch_size", 256, "Global batch size (samples).")
-flags.DEFINE_float("epochs", 12, "Pretraining epochs.")
+flags.DEFINE_float("epochs", 8, "Pretraining epochs.")
 flags.DEFINE_integer("steps", None, "Pretraining steps (overrides --epochs).")
 flags.DEFINE_float("temperature", 0.1, "Loss temperature.")
 flags.DEFINE_enum("contrast_mode", "all", config_lib.CONTRAST_MODES, "Anchors.")
@@ -56,8 +57,8 @@ flags.DEFINE_enum("summation", "out", config_lib.SUMMATIONS, "L_out or L_in.")
 flags.DEFINE_enum("denominator", "all", config_lib.DENOMINATORS,
                   "Loss denominator.")
 flags.DEFINE_integer("positives_cap", None, "Cap on positive views per anchor.")
-flags.DEFINE_enum("optimizer", "sgd", config_lib.OPTIMIZERS, "Optimizer.")
-flags.DEFINE_float("learning_rate", 0.5, "Base learning rate for batch 256 "
+flags.DEFINE_enum("optimizer", "adamw", config_lib.OPTIMIZERS, "Optimizer.")
+flags.DEFINE_float("learning_rate", 0.01, "Base learning rate for batch 256 "
                    "(scaled by batch/256).")
 flags.DEFINE_bool("lr_scaling", True, "Scale --learning_rate by "
                   "batch_size/256; --nolr_scaling uses it as given.")
@@ -65,7 +66,7 @@ flags.DEFINE_enum("lr_schedule", "cosine", ["cosine", "constant"],
                   "Learning-rate schedule after warm-up.")
 flags.DEFINE_float("momentum", 0.9, "Momentum.")
 flags.DEFINE_float("weight_decay", 1e-4, "Weight decay.")
-flags.DEFINE_float("warmup_epochs", 1.0, "Linear warm-up epochs.")
+flags.DEFINE_float("warmup_epochs", 0.5, "Linear warm-up epochs.")
 flags.DEFINE_enum("strategy", "default", config_lib.STRATEGIES,
                   "tf.distribute strategy.")
 flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this many logical "
@@ -76,10 +77,10 @@ flags.DEFINE_enum("mixed_precision", "mixed_bfloat16", config_lib.PRECISIONS,
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the training step.")
 flags.DEFINE_bool("deterministic", False, "Enable op determinism.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_integer("steps_per_loop", 50, "Steps per tf.function call.")
-flags.DEFINE_integer("checkpoint_every", 500, "Steps between checkpoints.")
+flags.DEFINE_integer("steps_per_loop", 25, "Steps per tf.function call.")
+flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.")
 flags.DEFINE_integer("linear_epochs", 10, "Linear-evaluation epochs.")
-flags.DEFINE_list("linear_learning_rates", ["0.1"], "Linear-evaluation "
+flags.DEFINE_list("linear_learning_rates", ["0.3", "1.0", "3.0"], "Linear-evaluation "
                   "learning rates, chosen on the validation split.")
 flags.DEFINE_integer("linear_batch_size", 256, "Linear-evaluation batch.")
 flags.DEFINE_bool("linear_augment", False, "Augment in linear evaluation.")

@@ -1,0 +1,113 @@
+r"""Short pretraining runs that compare settings for a CPU budget.
+
+  python experiments/sweep_budget.py --steps=100 \
+      --variant=base: --variant=lr5:optimizer.learning_rate=5
+
+Every variant starts from the same base (`cifar10_supcon_cpu30.cfg`'s
+settings, with a schedule whose warm-up and cosine decay fit --steps) and
+changes the dotted `TrainConfig` fields it names. Each one pretrains for
+--steps steps in its own work dir under --out, then the weighted k-NN
+(k=200) classifies the first --test_examples test images with the first
+--train_examples training images as neighbours. Prints a Markdown table of
+final loss, k-NN top-1 and seconds; a rerun resumes finished variants.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from supcon_tf import config as config_lib  # pylint: disable=g-import-not-at-top
+from supcon_tf import data
+from supcon_tf import evaluation
+from supcon_tf import train_lib
+
+
+def base_config(steps: int, data_dir=None) -> config_lib.TrainConfig:
+  return config_lib.TrainConfig(
+      method="supcon", batch_size=256, steps=steps, steps_per_loop=25,
+      checkpoint_every=steps, precision="mixed_bfloat16",
+      loss=config_lib.LossConfig(temperature=0.1),
+      data=config_lib.DataConfig(dataset="cifar10", data_dir=data_dir),
+      model=config_lib.ModelConfig(encoder="resnet18", width=0.25),
+      optimizer=config_lib.OptimizerConfig(
+          learning_rate=0.5, weight_decay=1e-4, warmup_epochs=0.0))
+
+
+def _parse_value(text: str):
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError:
+    return text
+
+
+def apply_overrides(config, overrides: str):
+  """`"a.b=1,c=x"` -> `config` with those dotted fields replaced."""
+  values = config_lib.to_dict(config)
+  for item in filter(None, overrides.split(",")):
+    path, sep, text = item.partition("=")
+    if not sep:
+      raise SystemExit(f"--variant item {item!r} is not field=value.")
+    *parents, leaf = path.split(".")
+    node = values
+    for key in parents:
+      node = node[key]
+    if leaf not in node:
+      raise SystemExit(f"--variant names no config field {path!r}.")
+    node[leaf] = _parse_value(text)
+  return config_lib.from_dict(type(config), values)
+
+
+def run_variant(name, config, out, train_examples, test_examples):
+  workdir = os.path.join(out, name)
+  start = time.perf_counter()
+  result = train_lib.pretrain(config, workdir)
+  seconds = time.perf_counter() - start
+  encoder = train_lib.restore_encoder(workdir, config)
+  eval_data = dataclasses.replace(config.data, validation_fraction=0.0)
+  neighbours = data.eval_dataset(eval_data, "train", batch_size=500)
+  test = data.eval_dataset(eval_data, "test", batch_size=500)
+  knn = evaluation.knn_accuracy(encoder, neighbours.take(train_examples // 500),
+                                test.take(test_examples // 500))
+  # The scaled loss is tau * L; L itself compares across temperatures.
+  scale = config.loss.temperature if config.loss.scale_by_temperature else 1.0
+  return dict(variant=name, loss=result.loss / scale, knn_top1=knn,
+              seconds=seconds)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument("--variant", action="append", required=True,
+                      help="name:field=value,field=value (repeatable)")
+  parser.add_argument("--steps", type=int, default=100)
+  parser.add_argument("--warmup_fraction", type=float, default=0.1)
+  parser.add_argument("--train_examples", type=int, default=10_000)
+  parser.add_argument("--test_examples", type=int, default=2_000)
+  parser.add_argument("--data_dir", default=None)
+  parser.add_argument("--out", default="runs/sweep")
+  args = parser.parse_args()
+  rows = []
+  for spec in args.variant:
+    name, _, overrides = spec.partition(":")
+    config = apply_overrides(base_config(args.steps, args.data_dir), overrides)
+    # Warm-up is in epochs; make it a fixed share of this short run.
+    epochs = config.steps * config.batch_size / 50_000
+    config = dataclasses.replace(config, optimizer=dataclasses.replace(
+        config.optimizer, warmup_epochs=args.warmup_fraction * epochs))
+    rows.append(run_variant(name, config, args.out, args.train_examples,
+                            args.test_examples))
+    print(json.dumps(rows[-1]), flush=True)
+  print(f"\n{args.steps} steps each; loss is L (not tau * L) at the end.\n")
+  print("| variant | final loss | k-NN top-1 | seconds |")
+  print("|---|---|---|---|")
+  for row in rows:
+    print(f"| {row['variant']} | {row['loss']:.3f} | {row['knn_top1']:.3f} "
+          f"| {row['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+  main()
