@@ -3,9 +3,10 @@ r"""Short pretraining runs that compare settings for a CPU budget.
   python experiments/sweep_budget.py --steps=100 \
       --variant=base: --variant=lr5:optimizer.learning_rate=5
 
-Every variant starts from the same base (`cifar10_supcon_cpu30.cfg`'s
-settings, with a schedule whose warm-up and cosine decay fit --steps) and
-changes the dotted `TrainConfig` fields it names. Each one pretrains for
+Every variant starts from the same base (the first CPU budget setting:
+width-0.25 ResNet-18, batch 256, SGD at 0.5, tau 0.1, bfloat16; a linear
+warm-up over 0.9 x --warmup_fraction of the steps, then a cosine decay to 0
+at --steps) and changes the dotted `TrainConfig` fields it names. Each one pretrains for
 --steps steps in its own work dir under --out, then the weighted k-NN
 (k=200) classifies the first --test_examples test images with the first
 --train_examples training images as neighbours. Prints a Markdown table of
@@ -94,7 +95,8 @@ def main():
   for spec in args.variant:
     name, _, overrides = spec.partition(":")
     config = apply_overrides(base_config(args.steps, args.data_dir), overrides)
-    # Warm-up is in epochs; make it a fixed share of this short run.
+    # Warm-up is in epochs; make it a fixed share of this short run. (An
+    # epoch is 45,000 images after the validation hold-out, hence 0.9 x.)
     epochs = config.steps * config.batch_size / 50_000
     config = dataclasses.replace(config, optimizer=dataclasses.replace(
         config.optimizer, warmup_epochs=args.warmup_fraction * epochs))
