@@ -112,10 +112,7 @@ class Selection:
     # np.savez needs a seekable file, which a GFile in write mode is not.
     buffer = io.BytesIO()
     np.savez(buffer, **{f"w{i}": w for i, w in enumerate(self.best_weights)})
-    tmp = self._path(f"{name}.tmp-{os.getpid()}")
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-      f.write(buffer.getvalue())
-    tf.io.gfile.rename(tmp, self._path(name), overwrite=True)
+    train_lib.atomic_write(self._path(name), buffer.getvalue())
 
   def _save(self):
     if not self.directory:

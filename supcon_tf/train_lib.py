@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import keras
 import tensorflow as tf
@@ -312,11 +312,12 @@ def _flatten(values: dict, prefix: str = "") -> dict:
   return flat
 
 
-def atomic_write(path: str, text: str) -> None:
-  """Writes `text` so that `path` is either old or complete, never partial."""
+def atomic_write(path: str, contents: Union[str, bytes]) -> None:
+  """Writes text or bytes so that `path` is either old or complete."""
   tmp = f"{path}.tmp-{os.getpid()}"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(text)
+  mode = "wb" if isinstance(contents, bytes) else "w"
+  with tf.io.gfile.GFile(tmp, mode) as f:
+    f.write(contents)
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
