@@ -6,11 +6,12 @@ r"""Short pretraining runs that compare settings for a CPU budget.
 Every variant starts from the same base (the first CPU budget setting:
 width-0.25 ResNet-18, batch 256, SGD at 0.5, tau 0.1, bfloat16; a linear
 warm-up over 0.9 x --warmup_fraction of the steps, then a cosine decay to 0
-at --steps) and changes the dotted `TrainConfig` fields it names. Each one pretrains for
---steps steps in its own work dir under --out, then the weighted k-NN
-(k=200) classifies the first --test_examples test images with the first
---train_examples training images as neighbours. Prints a Markdown table of
-final loss, k-NN top-1 and seconds; a rerun resumes finished variants.
+at --steps) and changes the dotted `TrainConfig` fields it names. Each one
+pretrains for --steps steps in its own work dir under --out, then the
+weighted k-NN (k=200) classifies the first --test_examples test images with
+the first --train_examples training images as neighbours. Prints a Markdown
+table of final loss, k-NN top-1 and seconds; a rerun resumes finished
+variants.
 """
 
 import argparse
@@ -80,8 +81,8 @@ def run_variant(name, config, out, train_examples, test_examples):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawTextHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   parser.add_argument("--variant", action="append", required=True,
                       help="name:field=value,field=value (repeatable)")
   parser.add_argument("--steps", type=int, default=100)

@@ -80,8 +80,9 @@ flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_integer("steps_per_loop", 25, "Steps per tf.function call.")
 flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.")
 flags.DEFINE_integer("linear_epochs", 10, "Linear-evaluation epochs.")
-flags.DEFINE_list("linear_learning_rates", ["0.3", "1.0", "3.0"], "Linear-evaluation "
-                  "learning rates, chosen on the validation split.")
+flags.DEFINE_list("linear_learning_rates", ["0.3", "1.0", "3.0"],
+                  "Linear-evaluation learning rates, chosen on the "
+                  "validation split.")
 flags.DEFINE_integer("linear_batch_size", 256, "Linear-evaluation batch.")
 flags.DEFINE_bool("linear_augment", False, "Augment in linear evaluation.")
 flags.DEFINE_bool("robustness", True, "Measure corruption robustness in the "
