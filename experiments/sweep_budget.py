@@ -8,10 +8,14 @@ width-0.25 ResNet-18, batch 256, SGD at 0.5, tau 0.1, bfloat16; a linear
 warm-up over 0.9 x --warmup_fraction of the steps, then a cosine decay to 0
 at --steps) and changes the dotted `TrainConfig` fields it names. Each one
 pretrains for --steps steps in its own work dir under --out, then the
-weighted k-NN (k=200) classifies the first --test_examples test images with
-the first --train_examples training images as neighbours. Prints a Markdown
-table of final loss, k-NN top-1 and seconds; a rerun resumes finished
-variants.
+weighted k-NN (k=200) classifies the first --val_examples images of the
+validation split (held out of the training split, never trained on) with
+the first --train_examples images of the rest of the training split as
+neighbours. The test split is never read: settings are chosen here, and the
+test split is evaluated once, by the final run. Prints a Markdown table of
+final loss, image passes (encoder forward+backward of one view: steps x
+batch x views, the machine-independent budget), k-NN top-1 and seconds; a
+rerun resumes finished variants.
 """
 
 import argparse
@@ -63,20 +67,31 @@ def apply_overrides(config, overrides: str):
   return config_lib.from_dict(type(config), values)
 
 
-def run_variant(name, config, out, train_examples, test_examples):
+def image_passes(config: config_lib.TrainConfig) -> int:
+  """Encoder forward+backward passes of one image view over the run."""
+  views = 1 if config.method in ("ce", "npairs") else config.data.num_views
+  return config.steps * config.batch_size * views
+
+
+def run_variant(name, config, out, train_examples, val_examples):
   workdir = os.path.join(out, name)
   start = time.perf_counter()
   result = train_lib.pretrain(config, workdir)
   seconds = time.perf_counter() - start
   encoder = train_lib.restore_encoder(workdir, config)
-  eval_data = dataclasses.replace(config.data, validation_fraction=0.0)
-  neighbours = data.eval_dataset(eval_data, "train", batch_size=500)
-  test = data.eval_dataset(eval_data, "test", batch_size=500)
+  # The same split as pretraining: neighbours from its training part,
+  # queries from the held-out validation part.
+  neighbours = data.eval_dataset(config.data, "train", batch_size=500)
+  validation = data.eval_dataset(config.data, "validation", batch_size=500)
+  if validation is None:
+    raise SystemExit("validation_fraction=0 leaves no validation split to "
+                     "score settings on.")
   knn = evaluation.knn_accuracy(encoder, neighbours.take(train_examples // 500),
-                                test.take(test_examples // 500))
+                                validation.take(val_examples // 500))
   # The scaled loss is tau * L; L itself compares across temperatures.
   scale = config.loss.temperature if config.loss.scale_by_temperature else 1.0
-  return dict(variant=name, loss=result.loss / scale, knn_top1=knn,
+  return dict(variant=name, loss=result.loss / scale,
+              image_passes=image_passes(config), val_knn_top1=knn,
               seconds=seconds)
 
 
@@ -88,7 +103,7 @@ def main():
   parser.add_argument("--steps", type=int, default=100)
   parser.add_argument("--warmup_fraction", type=float, default=0.1)
   parser.add_argument("--train_examples", type=int, default=10_000)
-  parser.add_argument("--test_examples", type=int, default=2_000)
+  parser.add_argument("--val_examples", type=int, default=5_000)
   parser.add_argument("--data_dir", default=None)
   parser.add_argument("--out", default="runs/sweep")
   args = parser.parse_args()
@@ -102,13 +117,14 @@ def main():
     config = dataclasses.replace(config, optimizer=dataclasses.replace(
         config.optimizer, warmup_epochs=args.warmup_fraction * epochs))
     rows.append(run_variant(name, config, args.out, args.train_examples,
-                            args.test_examples))
+                            args.val_examples))
     print(json.dumps(rows[-1]), flush=True)
   print(f"\n{args.steps} steps each; loss is L (not tau * L) at the end.\n")
-  print("| variant | final loss | k-NN top-1 | seconds |")
-  print("|---|---|---|---|")
+  print("| variant | final loss | image passes | val k-NN top-1 | seconds |")
+  print("|---|---|---|---|---|")
   for row in rows:
-    print(f"| {row['variant']} | {row['loss']:.3f} | {row['knn_top1']:.3f} "
+    print(f"| {row['variant']} | {row['loss']:.3f} | "
+          f"{row['image_passes']:,} | {row['val_knn_top1']:.3f} "
           f"| {row['seconds']:.0f} |")
 
 
