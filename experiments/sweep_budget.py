@@ -89,7 +89,10 @@ def run_variant(name, config, out, train_examples, val_examples):
   knn = evaluation.knn_accuracy(encoder, neighbours.take(train_examples // 500),
                                 validation.take(val_examples // 500))
   # The scaled loss is tau * L; L itself compares across temperatures.
-  scale = config.loss.temperature if config.loss.scale_by_temperature else 1.0
+  # Cross-entropy has no temperature.
+  scale = (config.loss.temperature
+           if config.loss.scale_by_temperature and config.method != "ce"
+           else 1.0)
   return dict(variant=name, loss=result.loss / scale,
               image_passes=image_passes(config), val_knn_top1=knn,
               seconds=seconds)
@@ -119,7 +122,8 @@ def main():
     rows.append(run_variant(name, config, args.out, args.train_examples,
                             args.val_examples))
     print(json.dumps(rows[-1]), flush=True)
-  print(f"\n{args.steps} steps each; loss is L (not tau * L) at the end.\n")
+  print(f"\n{args.steps} steps unless a variant sets steps; loss is L "
+        "(not tau * L) at the end.\n")
   print("| variant | final loss | image passes | val k-NN top-1 | seconds |")
   print("|---|---|---|---|---|")
   for row in rows:
