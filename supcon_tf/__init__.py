@@ -1,7 +1,7 @@
 """Supervised Contrastive Learning for TensorFlow / Keras.
 
 The loss is importable without the training stack; the Keras model
-(`supcon_tf.keras_trainer.SupConModel`), the training loop
+(`supcon_tf.keras_model.SupConModel`), the training loop
 (`supcon_tf.train_lib`), linear evaluation and export live in their modules.
 """
 

@@ -156,10 +156,11 @@ def run_pipeline(mode: str, workdir: str) -> dict:
   from supcon_tf import evaluation
   from supcon_tf import export
   from supcon_tf import linear_eval
+  from supcon_tf import rundir
   from supcon_tf import train_lib
 
-  pretrain_dir = os.path.join(workdir, "pretrain")
-  report_path = os.path.join(workdir, "report.json")
+  pretrain_dir = rundir.pretrain_dir(workdir)
+  report_path = rundir.report_path(workdir)
   report = {}
   if os.path.exists(report_path):
     with open(report_path) as f:
@@ -178,21 +179,21 @@ def run_pipeline(mode: str, workdir: str) -> dict:
                             "seconds_this_run": round(time.time() - start, 1)}
   if mode == "pretrain" or not chief:
     return _write_report(report_path, report, chief)
-  config = train_lib.load_config(pretrain_dir)
+  config = rundir.load_config(pretrain_dir)
   encoder = train_lib.restore_encoder(pretrain_dir, config)
   info = data.dataset_info(config.data)
   if mode in ("all", "train_ce", "linear_eval"):
     start = time.time()
     classifier, result = linear_eval.linear_eval(
         encoder, config.data, linear_config(), strategy=strategy,
-        workdir=os.path.join(workdir, "linear_eval"))
+        workdir=rundir.linear_eval_dir(workdir))
     report["linear_eval"] = {**result.to_dict(),
                              "seconds_this_run": round(time.time() - start, 1)}
-    classifier.save(os.path.join(workdir, "linear_eval", "classifier.keras"))
+    classifier.save(rundir.classifier_path(workdir))
   if mode in ("all", "train_ce", "export"):
     classifier = _load_classifier(workdir)
     path = export.export_classifier(
-        classifier, os.path.join(workdir, "export"),
+        classifier, rundir.export_dir(workdir),
         image_size=config.data.image_size, encoder=encoder,
         class_names=info.class_names)
     report["export"] = path
@@ -205,7 +206,8 @@ def run_pipeline(mode: str, workdir: str) -> dict:
 
 def _load_classifier(workdir):
   import keras  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, "linear_eval", "classifier.keras")
+  from supcon_tf import rundir  # pylint: disable=g-import-not-at-top
+  path = rundir.classifier_path(workdir)
   if not os.path.exists(path):
     raise UsageError(f"{path} does not exist: run --mode=linear_eval first.")
   return keras.saving.load_model(path)
@@ -213,8 +215,8 @@ def _load_classifier(workdir):
 
 def _write_report(path, report, chief):
   if chief:
-    from supcon_tf import train_lib  # pylint: disable=g-import-not-at-top
-    train_lib.atomic_write(path, json.dumps(report, indent=2, sort_keys=True))
+    from supcon_tf import rundir  # pylint: disable=g-import-not-at-top
+    rundir.atomic_write(path, json.dumps(report, indent=2, sort_keys=True))
   return report
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from typing import Optional
 
 import tensorflow as tf
 
@@ -77,8 +78,9 @@ def all_reduce_sum(x: tf.Tensor) -> tf.Tensor:
   return ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.stop_gradient(x))
 
 
-def make_strategy(name: str = "default",
-                  devices=None) -> tf.distribute.Strategy:
+def make_strategy(name: str = "default", devices=None, *,
+                  collective_key_base: Optional[int] = None
+                  ) -> tf.distribute.Strategy:
   """Builds a strategy by name.
 
   Args:
@@ -86,6 +88,10 @@ def make_strategy(name: str = "default",
       `devices`, e.g. logical CPUs) or `multi_worker` (processes described by
       the `TF_CONFIG` environment variable).
     devices: optional device list for `mirrored`.
+    collective_key_base: optional first collective key of a `mirrored`
+      strategy. Several strategies of different sizes in one process (tests)
+      would otherwise share group keys and abort; give each its own range,
+      e.g. 10_000 * n for the n-th strategy.
 
   Returns:
     A `tf.distribute.Strategy`.
@@ -97,6 +103,11 @@ def make_strategy(name: str = "default",
       # Without GPUs MirroredStrategy would use one CPU; use every logical
       # CPU so that splitting the CPU into devices gives several replicas.
       devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if collective_key_base is not None:
+      # TF reads this class attribute when the strategy is made; there is no
+      # public argument for it.
+      tf.distribute.MirroredStrategy._collective_key_base = (  # pylint: disable=protected-access
+          int(collective_key_base))
     return tf.distribute.MirroredStrategy(devices=devices)
   if name == "multi_worker":
     if "TF_CONFIG" not in os.environ:

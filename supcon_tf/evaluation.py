@@ -30,7 +30,7 @@ from supcon_tf import config as config_lib
 from supcon_tf import data
 from supcon_tf import linear_eval
 from supcon_tf import plots
-from supcon_tf import train_lib
+from supcon_tf import rundir
 
 # Test rows per similarity block: the block is [chunk, num_train] floats.
 DEFAULT_CHUNK_SIZE = 256
@@ -403,8 +403,8 @@ def _first(dataset: tf.data.Dataset, count: Optional[int],
 def _run_name(workdir: str) -> str:
   """The training method of a run (from its config.json), else its folder."""
   try:
-    with tf.io.gfile.GFile(os.path.join(workdir, "pretrain",
-                                        "config.json")) as f:
+    with tf.io.gfile.GFile(os.path.join(rundir.pretrain_dir(workdir),
+                                        rundir.CONFIG_FILE)) as f:
       return str(json.load(f)["method"])
   except (OSError, ValueError, KeyError, TypeError, tf.errors.OpError):
     return os.path.basename(os.path.normpath(workdir))
@@ -505,7 +505,7 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
   robustness_result = None
   if robustness:
     robustness_result = corruption_robustness(classifier, test, seed=seed)
-    train_lib.atomic_write(os.path.join(workdir, ROBUSTNESS_FILE),
+    rundir.atomic_write(os.path.join(workdir, ROBUSTNESS_FILE),
                            json.dumps(robustness_result, indent=2))
     plots.plot_robustness({_run_name(workdir): robustness_result},
                           plot_path("robustness.png"))

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from supcon_tf import train_lib
+from supcon_tf import rundir
 
 _RUN_FILE = "run.json"
 _STATE_FILE = "state.json"
@@ -34,21 +34,18 @@ def fingerprint(encoder: keras.Model) -> str:
 def check_run(backup_root: str, run: Dict[str, Any]) -> None:
   """Starts a resumable run, or checks that it resumes the same one."""
   path = os.path.join(backup_root, _RUN_FILE)
-  run = json.loads(json.dumps(run))  # As stored: tuples become lists.
+  changed = sorted({k.split(".")[0]
+                    for k in rundir.changed_settings(path, run)})
+  if changed:
+    raise rundir.TrainingError(
+        f"{backup_root} holds an unfinished linear evaluation with other "
+        f"settings ({', '.join(changed)} differ). Resuming it would mix "
+        "two experiments: use another workdir, restore the settings, or "
+        f"delete {backup_root} to start over.")
   if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      stored = json.load(f)
-    changed = sorted(k for k in set(stored) | set(run)
-                     if stored.get(k) != run.get(k))
-    if changed:
-      raise train_lib.TrainingError(
-          f"{backup_root} holds an unfinished linear evaluation with other "
-          f"settings ({', '.join(changed)} differ). Resuming it would mix "
-          "two experiments: use another workdir, restore the settings, or "
-          f"delete {backup_root} to start over.")
     return
   tf.io.gfile.makedirs(backup_root)
-  train_lib.atomic_write(path, json.dumps(run, indent=2, sort_keys=True))
+  rundir.atomic_write(path, json.dumps(run, indent=2, sort_keys=True))
 
 
 class Selection:
@@ -112,12 +109,12 @@ class Selection:
     # np.savez needs a seekable file, which a GFile in write mode is not.
     buffer = io.BytesIO()
     np.savez(buffer, **{f"w{i}": w for i, w in enumerate(self.best_weights)})
-    train_lib.atomic_write(self._path(name), buffer.getvalue())
+    rundir.atomic_write(self._path(name), buffer.getvalue())
 
   def _save(self):
     if not self.directory:
       return
-    train_lib.atomic_write(self._path(_STATE_FILE), json.dumps(
+    rundir.atomic_write(self._path(_STATE_FILE), json.dumps(
         {"history": self.history, "done": self.done, "best": self.best}))
     keep = self.best and self.best.get("weights_file")
     for name in tf.io.gfile.listdir(self.directory):
@@ -163,7 +160,7 @@ class EpochBackup(keras.callbacks.Callback):
     name = f"epoch{epoch + 1}.weights.h5"
     self.model.save_weights(os.path.join(self.directory, name),
                             overwrite=True)
-    train_lib.atomic_write(os.path.join(self.directory, _BACKUP_FILE),
+    rundir.atomic_write(os.path.join(self.directory, _BACKUP_FILE),
                            json.dumps({"epochs": epoch + 1, "weights": name}))
     for old in tf.io.gfile.listdir(self.directory):
       if old.endswith(".weights.h5") and old != name:

@@ -46,10 +46,10 @@ import tensorflow as tf
 from supcon_tf import config as config_lib
 from supcon_tf import data
 from supcon_tf import linear_backup
-from supcon_tf import train_lib
+from supcon_tf import rundir
 
 RESULT_FILE = "linear_eval.json"
-BACKUP_DIR = "linear_backup"
+BACKUP_DIR = rundir.LINEAR_BACKUP_DIR
 SELECTED_ON = ("validation", "none")
 
 
@@ -282,7 +282,7 @@ def linear_eval(encoder: keras.Model,
     ValueError: several learning rates but no validation split, a batch
       size larger than the training split, bad `datasets`, or any dataset
       error of `data.dataset_info`.
-    train_lib.TrainingError: `workdir` holds an unfinished linear evaluation
+    rundir.TrainingError: `workdir` holds an unfinished linear evaluation
       of another encoder or configuration.
   """
   strategy = strategy or tf.distribute.get_strategy()
@@ -415,7 +415,7 @@ def linear_eval(encoder: keras.Model,
                  result.selected_on, result.test_top1, top5_k,
                  result.test_top5)
   if workdir:
-    train_lib.atomic_write(
+    rundir.atomic_write(
         os.path.join(workdir, RESULT_FILE),
         json.dumps(dict(result.to_dict(), config=config_lib.to_dict(config)),
                    indent=2, sort_keys=True))

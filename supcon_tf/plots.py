@@ -13,6 +13,8 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from supcon_tf import rundir
+
 # (panel title, scalar tags to look for in order): contrastive runs log
 # nn_top1, cross-entropy runs log accuracy.
 TRAINING_PANELS = (
@@ -102,7 +104,7 @@ def plot_training_curves(workdir: str, out_png: str) -> str:
     ValueError: when `<workdir>/pretrain/train` holds no scalar summaries
       (the run has not pretrained yet, or logged elsewhere).
   """
-  event_dir = os.path.join(workdir, "pretrain", "train")
+  event_dir = rundir.events_dir(workdir)
   scalars = read_scalars(event_dir)
   if not scalars:
     raise ValueError(

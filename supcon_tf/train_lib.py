@@ -14,14 +14,13 @@ the same loop so that they compare on identical code.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 import shutil
 import tempfile
 import time
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import keras
 import tensorflow as tf
@@ -32,14 +31,14 @@ from supcon_tf import distributed
 from supcon_tf import losses
 from supcon_tf import models
 from supcon_tf import optimizers
+from supcon_tf import rundir
 
-# Flags that may change between a run and its resumption without changing
-# the experiment.
-RESUMABLE_CHANGES = ("steps_per_loop", "checkpoint_every", "keep_checkpoints")
-
-
-class TrainingError(RuntimeError):
-  """Training cannot go on (non-finite loss, incompatible work dir, ...)."""
+# The run directory owns these; kept here under their old names.
+RESUMABLE_CHANGES = rundir.RESUMABLE_CHANGES
+TrainingError = rundir.TrainingError
+atomic_write = rundir.atomic_write
+check_resumable = rundir.check_resumable
+load_config = rundir.load_config
 
 
 @dataclasses.dataclass
@@ -265,62 +264,6 @@ def check_batch(global_batch: int, replicas: int) -> None:
         f"{replicas * max(1, global_batch // replicas)}.")
 
 
-def check_resumable(workdir: str, config: config_lib.TrainConfig,
-                    name: str = "config.json", *, write: bool = True) -> None:
-  """Writes the run's config, or refuses a resume that changes it.
-
-  Args:
-    workdir: the run's directory.
-    config: the run's configuration.
-    name: file of the stored configuration in `workdir`.
-    write: write the configuration when `workdir` holds none yet; False only
-      checks (so that a run failing before its first step claims nothing).
-
-  Raises:
-    TrainingError: `workdir` holds a run whose configuration differs in a
-      field other than `RESUMABLE_CHANGES`; the message names each field
-      (nested ones dotted, e.g. `loss.temperature`).
-  """
-  path = os.path.join(workdir, name)
-  current = _flatten(json.loads(config_lib.to_json(config)))  # As stored.
-  if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      stored = _flatten(json.load(f))
-    changed = sorted(k for k in set(stored) | set(current)
-                     if k not in RESUMABLE_CHANGES and
-                     stored.get(k) != current.get(k))
-    if changed:
-      details = "; ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}"
-                          for k in changed)
-      raise TrainingError(
-          f"{workdir} holds a run with a different configuration ({details}). "
-          "Resuming would silently change the experiment: use a new work dir "
-          "or the stored settings.")
-    return
-  if write:
-    atomic_write(path, config_lib.to_json(config))
-
-
-def _flatten(values: dict, prefix: str = "") -> dict:
-  """`{"loss": {"temperature": t}}` -> `{"loss.temperature": t}`."""
-  flat = {}
-  for key, value in values.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
-
-
-def atomic_write(path: str, contents: Union[str, bytes]) -> None:
-  """Writes text or bytes so that `path` is either old or complete."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  mode = "wb" if isinstance(contents, bytes) else "w"
-  with tf.io.gfile.GFile(tmp, mode) as f:
-    f.write(contents)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
 def _check_writable(workdir: str) -> None:
   try:
     tf.io.gfile.makedirs(workdir)
@@ -439,7 +382,7 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
     logging.warning("This strategy's input iterator cannot be checkpointed: "
                     "a resumed run restarts the input stream.")
   saver = CheckpointSaver(trainer.checkpoint(**state),
-                          os.path.join(workdir, "checkpoints"), strategy,
+                          rundir.checkpoints_dir(workdir), strategy,
                           config.keep_checkpoints)
   restored = saver.restore()
   # Only now: a run that fails on its data or on a foreign checkpoint leaves
@@ -511,13 +454,8 @@ def restore_encoder(workdir: str, config: config_lib.TrainConfig,
                                    num_replicas=1)
   finally:
     keras.mixed_precision.set_global_policy(previous_policy)
-  latest = tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+  latest = tf.train.latest_checkpoint(rundir.checkpoints_dir(workdir))
   if latest is None:
     raise TrainingError(f"No checkpoint in {workdir}/checkpoints.")
   tf.train.Checkpoint(encoder=encoder).restore(latest).expect_partial()
   return encoder
-
-
-def load_config(workdir: str, name: str = "config.json"):
-  with tf.io.gfile.GFile(os.path.join(workdir, name)) as f:
-    return config_lib.from_dict(config_lib.TrainConfig, json.load(f))

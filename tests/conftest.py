@@ -8,6 +8,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+from supcon_tf import distributed  # pylint: disable=g-import-not-at-top
+
 # Four logical CPUs let MirroredStrategy tests run 2- and 4-replica
 # training on a CPU-only machine. Must happen before TF initialises devices.
 LOGICAL_CPUS = 4
@@ -31,10 +33,10 @@ def make_mirrored(replicas):
   sizes in one process would otherwise share group keys and abort.
   """
   _strategies_made[0] += 1
-  tf.distribute.MirroredStrategy._collective_key_base = (  # pylint: disable=protected-access
-      10_000 * _strategies_made[0])
   devices = [d.name for d in tf.config.list_logical_devices("CPU")]
-  return tf.distribute.MirroredStrategy(devices[:replicas])
+  return distributed.make_strategy(
+      "mirrored", devices[:replicas],
+      collective_key_base=10_000 * _strategies_made[0])
 
 
 @contextlib.contextmanager

@@ -28,7 +28,7 @@ SIZE = 16
 CLASS_NAMES = ("cat", "dog", "ship")
 SIGNATURES = ["serving_default", "serving_bytes", "embed"]
 CLASSIFY_OUTPUTS = {"logits", "probabilities", "class_ids"}
-TRAINING_MODULES = ("train_lib", "keras_trainer", "linear_eval", "losses")
+TRAINING_MODULES = ("train_lib", "keras_model", "linear_eval", "losses")
 
 # Runs in a fresh interpreter: argv = model dir, inputs dir, output .npz.
 FRESH_PROCESS_SCRIPT = r"""

@@ -16,7 +16,7 @@ import tensorflow as tf
 import conftest
 from supcon_tf import config as config_lib
 from supcon_tf import distributed
-from supcon_tf import keras_trainer
+from supcon_tf import keras_model
 from supcon_tf import losses
 from supcon_tf import models
 from supcon_tf import train_lib
@@ -50,7 +50,7 @@ def tiny_encoder():
 def make_model(strategy=None, initial=None, loss=None):
   strategy = strategy or tf.distribute.get_strategy()
   with strategy.scope():
-    model = keras_trainer.SupConModel(tiny_encoder(),
+    model = keras_model.SupConModel(tiny_encoder(),
                                       models.ProjectionHead(output_dim=DIM))
     model.build((None, VIEWS, IMAGE, IMAGE, 3))
     if initial is not None:
@@ -184,7 +184,7 @@ def test_save_and_load_round_trip(tmp_path):
   path = os.path.join(tmp_path, "model.keras")
   model.save(path)
   restored = keras.saving.load_model(path)
-  assert isinstance(restored, keras_trainer.SupConModel)
+  assert isinstance(restored, keras_model.SupConModel)
   assert isinstance(restored.head, models.ProjectionHead)
   assert isinstance(restored.loss, losses.SupConLoss)
   assert restored.loss.temperature == 0.2

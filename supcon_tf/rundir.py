@@ -1,0 +1,154 @@
+"""The run directory: its layout, atomic writes and "is this the same run?".
+
+Layout of a work dir (every stage reads and writes only these names):
+
+    <workdir>/report.json                  summary of every stage (cli)
+    <workdir>/pretrain/config.json         the pretraining `TrainConfig`
+    <workdir>/pretrain/checkpoints/        encoder checkpoints
+    <workdir>/pretrain/train/              TensorBoard events
+    <workdir>/linear_eval/classifier.keras the linear classifier
+    <workdir>/linear_eval/linear_backup/   crash-safe linear-eval state
+    <workdir>/export/                      the SavedModel
+
+Imports only `config`, so that every stage (training, linear evaluation,
+evaluation, plots, the CLI) can use it without importing the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Iterable, Union
+
+import tensorflow as tf
+
+from supcon_tf import config as config_lib
+
+PRETRAIN_DIR = "pretrain"
+LINEAR_EVAL_DIR = "linear_eval"
+EXPORT_DIR = "export"
+REPORT_FILE = "report.json"
+CONFIG_FILE = "config.json"
+CHECKPOINTS_DIR = "checkpoints"
+EVENTS_DIR = "train"
+CLASSIFIER_FILE = "classifier.keras"
+LINEAR_BACKUP_DIR = "linear_backup"
+
+# Fields that may change between a run and its resumption without changing
+# the experiment.
+RESUMABLE_CHANGES = ("steps_per_loop", "checkpoint_every", "keep_checkpoints")
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (non-finite loss, incompatible work dir, ...)."""
+
+
+def pretrain_dir(workdir: str) -> str:
+  return os.path.join(workdir, PRETRAIN_DIR)
+
+
+def linear_eval_dir(workdir: str) -> str:
+  return os.path.join(workdir, LINEAR_EVAL_DIR)
+
+
+def export_dir(workdir: str) -> str:
+  return os.path.join(workdir, EXPORT_DIR)
+
+
+def report_path(workdir: str) -> str:
+  return os.path.join(workdir, REPORT_FILE)
+
+
+def classifier_path(workdir: str) -> str:
+  return os.path.join(workdir, LINEAR_EVAL_DIR, CLASSIFIER_FILE)
+
+
+def checkpoints_dir(run_dir: str) -> str:
+  """`run_dir` is a pretraining directory (`<workdir>/pretrain`)."""
+  return os.path.join(run_dir, CHECKPOINTS_DIR)
+
+
+def events_dir(workdir: str) -> str:
+  return os.path.join(workdir, PRETRAIN_DIR, EVENTS_DIR)
+
+
+def atomic_write(path: str, contents: Union[str, bytes]) -> None:
+  """Writes text or bytes so that `path` is either old or complete."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  mode = "wb" if isinstance(contents, bytes) else "w"
+  with tf.io.gfile.GFile(tmp, mode) as f:
+    f.write(contents)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+  """`{"loss": {"temperature": t}}` -> `{"loss.temperature": t}`."""
+  flat = {}
+  for key, value in values.items():
+    if isinstance(value, dict):
+      flat.update(flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def changed_settings(path: str, settings: Dict[str, Any],
+                     ignore: Iterable[str] = ()) -> Dict[str, tuple]:
+  """Compares `settings` with those stored at `path`: the one "same run?" check.
+
+  Args:
+    path: a JSON file of stored settings.
+    settings: the current settings; nested dicts compare by dotted field.
+    ignore: dotted fields allowed to differ.
+
+  Returns:
+    `{field: (stored, current)}` of each differing field, sorted by field;
+    empty when they agree or nothing is stored at `path`.
+  """
+  if not tf.io.gfile.exists(path):
+    return {}
+  current = flatten(json.loads(json.dumps(settings)))  # As stored.
+  with tf.io.gfile.GFile(path) as f:
+    stored = flatten(json.load(f))
+  ignore = set(ignore)
+  return {k: (stored.get(k), current.get(k))
+          for k in sorted(set(stored) | set(current))
+          if k not in ignore and stored.get(k) != current.get(k)}
+
+
+def check_resumable(workdir: str, config: config_lib.TrainConfig,
+                    name: str = CONFIG_FILE, *, write: bool = True) -> None:
+  """Writes the run's config, or refuses a resume that changes it.
+
+  Args:
+    workdir: the run's directory.
+    config: the run's configuration.
+    name: file of the stored configuration in `workdir`.
+    write: write the configuration when `workdir` holds none yet; False only
+      checks (so that a run failing before its first step claims nothing).
+
+  Raises:
+    TrainingError: `workdir` holds a run whose configuration differs in a
+      field other than `RESUMABLE_CHANGES`; the message names each field
+      (nested ones dotted, e.g. `loss.temperature`).
+  """
+  path = os.path.join(workdir, name)
+  if tf.io.gfile.exists(path):
+    changed = changed_settings(path, json.loads(config_lib.to_json(config)),
+                               ignore=RESUMABLE_CHANGES)
+    if changed:
+      details = "; ".join(f"{k}: {old!r} -> {new!r}"
+                          for k, (old, new) in changed.items())
+      raise TrainingError(
+          f"{workdir} holds a run with a different configuration ({details}). "
+          "Resuming would silently change the experiment: use a new work dir "
+          "or the stored settings.")
+    return
+  if write:
+    atomic_write(path, config_lib.to_json(config))
+
+
+def load_config(workdir: str, name: str = CONFIG_FILE):
+  """The `TrainConfig` stored in a pretraining directory."""
+  with tf.io.gfile.GFile(os.path.join(workdir, name)) as f:
+    return config_lib.from_dict(config_lib.TrainConfig, json.load(f))

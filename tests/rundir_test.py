@@ -1,0 +1,55 @@
+"""Tests of the run directory: layout, atomic writes, the same-run check."""
+
+import json
+import os
+
+import pytest
+
+from supcon_tf import config as config_lib
+from supcon_tf import linear_backup
+from supcon_tf import rundir
+
+
+def test_layout_paths():
+  assert rundir.pretrain_dir("w") == os.path.join("w", "pretrain")
+  assert rundir.report_path("w") == os.path.join("w", "report.json")
+  assert rundir.classifier_path("w") == os.path.join(
+      "w", "linear_eval", "classifier.keras")
+  assert rundir.export_dir("w") == os.path.join("w", "export")
+  assert rundir.events_dir("w") == os.path.join("w", "pretrain", "train")
+  assert rundir.checkpoints_dir("p") == os.path.join("p", "checkpoints")
+
+
+def test_atomic_write_text_and_bytes(tmp_path):
+  path = str(tmp_path / "f")
+  rundir.atomic_write(path, "old")
+  rundir.atomic_write(path, b"\x00new")
+  assert open(path, "rb").read() == b"\x00new"
+  assert os.listdir(tmp_path) == ["f"]  # No temporary file left behind.
+
+
+def test_changed_settings_names_dotted_fields(tmp_path):
+  path = str(tmp_path / "s.json")
+  assert rundir.changed_settings(path, {"a": 1}) == {}  # Nothing stored.
+  rundir.atomic_write(path, json.dumps({"a": 1, "b": {"c": [1, 2]}, "d": 0}))
+  assert rundir.changed_settings(path, {"a": 1, "b": {"c": (1, 2)}, "d": 0}) == {}
+  assert rundir.changed_settings(path, {"a": 2, "b": {"c": [1]}, "d": 0},
+                                 ignore=("a",)) == {"b.c": ([1, 2], [1])}
+
+
+def test_config_round_trip_and_resume_check(tmp_path):
+  config = config_lib.TrainConfig()
+  rundir.check_resumable(str(tmp_path), config)
+  assert rundir.load_config(str(tmp_path)) == config
+  changed = config_lib.TrainConfig(
+      loss=config_lib.LossConfig(temperature=0.5))
+  with pytest.raises(rundir.TrainingError, match=r"loss\.temperature"):
+    rundir.check_resumable(str(tmp_path), changed)
+
+
+def test_linear_backup_check_run_names_top_level_field(tmp_path):
+  root = str(tmp_path / "b")
+  linear_backup.check_run(root, {"config": {"lr": 1}, "n": 3})
+  linear_backup.check_run(root, {"config": {"lr": 1}, "n": 3})
+  with pytest.raises(rundir.TrainingError, match=r"\(config differ\)"):
+    linear_backup.check_run(root, {"config": {"lr": 2}, "n": 3})
