@@ -6,13 +6,14 @@ r"""Paired step time: Keras 3 BatchNormalization against a fused-kernel one.
 Keras 3's TensorFlow backend runs training-mode batch norm as separate ops
 (moments: Mean, SquaredDifference, ...; then Mul/Sub/Add and their
 gradients); `tf.compat.v1.nn.fused_batch_norm` is one oneDNN kernel each way.
-This script builds two `train_lib.Trainer`s, the second with
-`keras.layers.BatchNormalization` replaced (only while it is built) by a
-subclass whose training call uses the fused kernel, and times their
-`train_loop` round-robin. An experiment, not library code.
+This script builds two `train_lib.Trainer`s, one with the library's
+`resnet.FusedBatchNormalization` and one with it swapped (only while it is
+built) for plain `keras.layers.BatchNormalization`, and times their
+`train_loop` round-robin.
 """
 
 import argparse
+import importlib
 import os
 import statistics
 import time
@@ -25,35 +26,20 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 from supcon_tf import config as config_lib  # pylint: disable=g-import-not-at-top
 from supcon_tf import train_lib  # pylint: disable=g-import-not-at-top
 
-
-class FusedBatchNormalization(keras.layers.BatchNormalization):
-  """Training-mode NHWC batch norm through FusedBatchNormV3."""
-
-  def call(self, inputs, training=None, mask=None):
-    if not training or self.synchronized or len(inputs.shape) != 4:
-      return super().call(inputs, training=training, mask=mask)
-    gamma = tf.cast(self.gamma, tf.float32)
-    beta = tf.cast(self.beta, tf.float32)
-    y, mean, var = tf.compat.v1.nn.fused_batch_norm(
-        inputs, gamma, beta, epsilon=self.epsilon, is_training=True)
-    n = tf.cast(tf.size(inputs) // tf.shape(inputs)[-1], tf.float32)
-    var = var * (n - 1.0) / n  # fused returns the Bessel-corrected variance
-    m = self.momentum
-    self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
-    self.moving_variance.assign(self.moving_variance * m + var * (1.0 - m))
-    return y
+resnet_module = importlib.import_module("supcon_tf.models.resnet")
 
 
 def make(config, fused):
-  original = keras.layers.BatchNormalization
-  if fused:
-    keras.layers.BatchNormalization = FusedBatchNormalization
+  """A Trainer whose ResNet uses the fused layer or plain Keras BN."""
+  original = resnet_module.FusedBatchNormalization
+  if not fused:
+    resnet_module.FusedBatchNormalization = keras.layers.BatchNormalization
   try:
     return train_lib.Trainer(config, tf.distribute.get_strategy(),
                              num_classes=10, input_shape=(32, 32, 3),
                              steps_per_epoch=1000)
   finally:
-    keras.layers.BatchNormalization = original
+    resnet_module.FusedBatchNormalization = original
 
 
 def main():
