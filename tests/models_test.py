@@ -1,5 +1,6 @@
 """Tests for supcon_tf.models: ResNet encoders, projection head, builders."""
 
+import importlib
 import os
 import sys
 
@@ -136,6 +137,36 @@ def test_sync_batch_norm_reaches_every_layer(sync):
   assert bns
   assert all(bn.synchronized is sync for bn in bns)
   assert all(bn.momentum == 0.9 and bn.epsilon == 1e-5 for bn in bns)
+
+
+@pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
+def test_fused_batch_norm_matches_keras(precision):
+  previous = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy(precision)
+  try:
+    x = np.random.default_rng(0).normal(
+        1.0, 2.0, (4, 5, 5, 6)).astype("float32")
+    fused = importlib.import_module(
+        "supcon_tf.models.resnet").FusedBatchNormalization(momentum=0.9)
+    plain = keras.layers.BatchNormalization(momentum=0.9)
+    for layer in (fused, plain):
+      layer.build(x.shape)
+      layer.gamma.assign(np.linspace(0.5, 1.5, 6))
+      layer.beta.assign(np.linspace(-1.0, 1.0, 6))
+    tol = 1e-5 if precision == "float32" else 3e-2
+    got, want = fused(x, training=True), plain(x, training=True)
+    assert got.dtype == want.dtype
+    np.testing.assert_allclose(np.asarray(got, "float32"),
+                               np.asarray(want, "float32"), atol=tol)
+    for name in ("moving_mean", "moving_variance"):
+      np.testing.assert_allclose(getattr(fused, name).numpy(),
+                                 getattr(plain, name).numpy(), rtol=1e-5,
+                                 atol=1e-6)
+    np.testing.assert_allclose(np.asarray(fused(x, training=False), "float32"),
+                               np.asarray(plain(x, training=False), "float32"),
+                               atol=tol)
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
 
 
 @pytest.mark.parametrize("config_sync,replicas,expected", [
