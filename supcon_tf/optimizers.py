@@ -20,6 +20,12 @@ from supcon_tf import config as config_lib
 
 # Substrings of a variable's path that mark batch-norm parameters and biases.
 DEFAULT_EXCLUDE = ("batch_normalization", "bias", "bn")
+# Keras matches `exclude_from_weight_decay(var_names=...)` against the
+# variable's name: the short Keras name ("gamma") in the generic code path, the
+# backing tf.Variable's ("stem_bn/gamma:0") in the TensorFlow backend. Both
+# end in the Keras 3 names of norm scales/offsets and biases, whatever the
+# layer is called.
+_NORM_AND_BIAS_NAME = r"(^|/)(gamma|beta|bias)(:\d+)?$"
 
 
 def _variable_names(variable) -> Sequence[str]:
@@ -282,10 +288,11 @@ def exclude_norm_and_bias(optimizer: keras.optimizers.Optimizer,
                           patterns: Sequence[str] = DEFAULT_EXCLUDE) -> None:
   """Keeps weight decay off biases and normalisation parameters.
 
-  `build_optimizer` already excludes variables by name; this also catches
-  rank-1 variables whatever their name. Call it before the optimiser's first
-  step (Keras refuses once the optimiser is built). It replaces any earlier
-  `exclude_from_weight_decay` setting.
+  `build_optimizer` already excludes Keras's norm and bias variables by
+  name; this also catches rank-1 variables whatever their name, and
+  variables whose path contains one of `patterns`. Call it before the optimiser's
+  first step (Keras refuses once the optimiser is built). It replaces any
+  earlier `exclude_from_weight_decay` setting.
 
   Args:
     optimizer: an unbuilt Keras optimiser (any of `build_optimizer`'s).
@@ -298,7 +305,8 @@ def exclude_norm_and_bias(optimizer: keras.optimizers.Optimizer,
         "exclude_norm_and_bias before its first step.")
   excluded = [v for v in variables if _is_norm_or_bias(v, patterns)]
   optimizer.exclude_from_weight_decay(
-      var_list=excluded, var_names=[re.escape(p) for p in patterns])
+      var_list=excluded,
+      var_names=[_NORM_AND_BIAS_NAME])
 
 
 def build_optimizer(config: config_lib.OptimizerConfig, *,
@@ -313,9 +321,13 @@ def build_optimizer(config: config_lib.OptimizerConfig, *,
 
   Weight decay: `lars` folds L2 decay into the gradient (see `LARS`); `sgd`,
   `adamw` and `lamb` use Keras's decoupled decay (`w -= lr * wd * w` each
-  step). All four skip variables whose path contains
-  `batch_normalization`, `bias` or `bn`; `LARS` also skips every rank-1
-  variable, and `exclude_norm_and_bias` does the same for the others.
+  step). None of them decays batch-norm scales and offsets or biases, as in
+  SimCLR and the SupCon paper's LARS (the official PyTorch code decays
+  everything): `LARS` skips every rank-1 variable and any whose path contains
+  `batch_normalization`, `bias` or `bn`; `sgd`, `adamw` and `lamb` skip
+  variables named `gamma`, `beta` or `bias` (the Keras 3 names of norm
+  scales/offsets and biases, in any layer), and `exclude_norm_and_bias`
+  extends that to every rank-1 variable (the training loop calls it).
 
   `momentum` / `nesterov` are the momentum of `sgd` and `lars`, and `beta_1`
   of `adamw` and `lamb`.
@@ -375,5 +387,5 @@ def build_optimizer(config: config_lib.OptimizerConfig, *,
                      f"{list(config_lib.OPTIMIZERS)}.")
   if weight_decay:
     optimizer.exclude_from_weight_decay(
-        var_names=[re.escape(p) for p in DEFAULT_EXCLUDE])
+        var_names=[_NORM_AND_BIAS_NAME])
   return optimizer

@@ -96,6 +96,8 @@ class Trainer:
         optimizer = optimizers.build_optimizer(
             config.optimizer, global_batch_size=config.batch_size,
             total_steps=self.total_steps, steps_per_epoch=steps_per_epoch)
+        # Any encoder's norm scales/offsets and biases, whatever their names.
+        optimizers.exclude_norm_and_bias(optimizer, self.trainable_variables)
         if config.precision == "mixed_float16":
           optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         self.optimizer = optimizer

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 import conftest
 from supcon_tf import config as config_lib
+from supcon_tf import models
 from supcon_tf import optimizers
 
 
@@ -419,3 +420,53 @@ def test_lars_mirrored_matches_single_device():
 
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lamb"])
+def test_build_optimizer_keeps_decay_off_resnet_norm_and_bias(name):
+  # Keras 3 names batch-norm variables "gamma"/"beta" (the path holds "bn"):
+  # a zero gradient must leave all of them, and the head's biases, as they
+  # were while every kernel decays.
+  model_config = config_lib.ModelConfig(encoder="resnet18", width=0.125)
+  encoder = models.build_encoder(model_config, input_shape=(32, 32, 3),
+                                 num_replicas=1)
+  head = models.build_head(model_config)
+  head.build(encoder.output_shape)
+  variables = encoder.trainable_variables + head.trainable_variables
+  optimizer = optimizers.build_optimizer(
+      config_lib.OptimizerConfig(name=name, learning_rate=0.5,
+                                 weight_decay=0.1, schedule="constant",
+                                 warmup_epochs=0.0, scale_by_batch=False),
+      global_batch_size=256, total_steps=10, steps_per_epoch=5)
+  before = [v.numpy() for v in variables]
+  optimizer.apply([tf.zeros_like(v) for v in variables], variables)
+  norm_and_bias = [len(v.shape) == 1 for v in variables]
+  assert sum(norm_and_bias) == 42  # 20 BN layers x (gamma, beta) + 2 biases
+  for v, b, excluded in zip(variables, before, norm_and_bias):
+    if excluded:
+      np.testing.assert_array_equal(v.numpy(), b, err_msg=v.path)
+    else:
+      assert np.abs(v.numpy()).sum() < np.abs(b).sum(), v.path
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_build_optimizer_keeps_decay_off_norms_of_any_name(name):
+  # Layer names of other encoders need not contain "bn": a LayerNorm called
+  # "ln" and a BatchNorm called "norm" keep their scales and offsets.
+  model = keras.Sequential([
+      keras.Input((4,)), keras.layers.Dense(3, name="proj"),
+      keras.layers.LayerNormalization(name="ln"),
+      keras.layers.BatchNormalization(name="norm")])
+  variables = model.trainable_variables
+  optimizer = optimizers.build_optimizer(
+      config_lib.OptimizerConfig(name=name, learning_rate=0.5,
+                                 weight_decay=0.1, schedule="constant",
+                                 warmup_epochs=0.0, scale_by_batch=False),
+      global_batch_size=256, total_steps=10, steps_per_epoch=5)
+  before = [v.numpy() for v in variables]
+  optimizer.apply([tf.zeros_like(v) for v in variables], variables)
+  changed = {v.path.split("/", 1)[1]: not np.array_equal(v.numpy(), b)
+             for v, b in zip(variables, before)}
+  assert changed == {"proj/kernel": True, "proj/bias": False,
+                     "ln/gamma": False, "ln/beta": False,
+                     "norm/gamma": False, "norm/beta": False}
