@@ -390,8 +390,11 @@ def _augmented_dataset(config: config_lib.DataConfig, *,
                        global_batch_size: int, seed: int,
                        input_context: Optional[tf.distribute.InputContext],
                        policy: str, num_views: int, repeat: bool,
-                       squeeze_view: bool) -> tf.data.Dataset:
+                       squeeze_view: bool,
+                       skip_batches: int = 0) -> tf.data.Dataset:
   """Sharded, shuffled, augmented, batched "train" split."""
+  if skip_batches < 0:
+    raise ValueError(f"skip_batches must be >= 0, got {skip_batches}.")
   batch_size = _per_replica_batch_size(global_batch_size, input_context)
   source = _source(config)
   view_fn = augment_lib.make_view_fn(policy, size=config.image_size,
@@ -416,6 +419,9 @@ def _augmented_dataset(config: config_lib.DataConfig, *,
     return views, tf.cast(label, tf.int32)
 
   ds = tf.data.Dataset.zip((tf.data.Dataset.counter(), ds))
+  # Skipped before decoding and augmenting, so resuming deep into a run
+  # costs only reading the raw records again.
+  ds = ds.skip(skip_batches * batch_size)
   ds = ds.map(prepare, num_parallel_calls=_AUTOTUNE, deterministic=True)
   ds = ds.batch(batch_size, drop_remainder=True)
   return _with_options(ds).prefetch(_AUTOTUNE)
@@ -425,7 +431,8 @@ def pretrain_dataset(config: config_lib.DataConfig, *,
                      global_batch_size: int, seed: int,
                      input_context: Optional[tf.distribute.InputContext] = None,
                      num_views: Optional[int] = None, augment: bool = True,
-                     repeat: bool = True) -> tf.data.Dataset:
+                     repeat: bool = True,
+                     skip_batches: int = 0) -> tf.data.Dataset:
   """Multi-view batches of the "train" split for contrastive pretraining.
 
   Args:
@@ -437,6 +444,9 @@ def pretrain_dataset(config: config_lib.DataConfig, *,
     num_views: views per image (default `config.num_views`).
     augment: False makes every view the resized image (policy "none").
     repeat: repeat indefinitely (each epoch reshuffled and re-augmented).
+    skip_batches: start after this many batches, with exactly the batches
+      (order and augmentation) that a dataset skipped by iteration would
+      yield next; a resumed run continues its stream this way.
 
   Returns:
     A dataset of `(views [per_replica_batch, views, size, size, 3]` float32
@@ -452,7 +462,8 @@ def pretrain_dataset(config: config_lib.DataConfig, *,
       config, global_batch_size=global_batch_size, seed=seed,
       input_context=input_context,
       policy=config.augmentation if augment else "none",
-      num_views=num_views, repeat=repeat, squeeze_view=False)
+      num_views=num_views, repeat=repeat, squeeze_view=False,
+      skip_batches=skip_batches)
 
 
 def supervised_dataset(

@@ -322,9 +322,10 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
              verbose: bool = True) -> TrainResult:
   """Runs (or resumes) a pretraining run in `workdir`.
 
-  Writes `config.json`, checkpoints under `checkpoints/` (model, optimizer,
-  step and the data iterator, so a resumed run continues on exactly the
-  same batches), and TensorBoard summaries under `train/`. A crash loses at
+  Writes `config.json`, checkpoints under `checkpoints/` (model, optimizer
+  and step), and TensorBoard summaries under `train/`. A resumed run
+  rebuilds its input pipeline at the restored step, so it continues on
+  exactly the batches an uninterrupted run would see, under every strategy. A crash loses at
   most the steps since the last checkpoint. A non-finite loss or weight
   stops the run with `TrainingError` before anything is saved over the last
   good checkpoint. `config.json` is written once the data and any checkpoint
@@ -337,7 +338,8 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
     encoder: optional encoder model replacing `config.model`'s ResNet.
     dataset_fn: optional `fn(input_context) -> tf.data.Dataset` of
       per-replica `(views, labels)` batches replacing the TFDS pipeline;
-      then `steps` must be set in `config`.
+      then `steps` must be set in `config`. A resumed run skips (iterates
+      past) the batches its pipeline delivered before the checkpoint.
     stop_at_step: return once this step is reached even if the run is
       longer (a preemption point; calling again resumes).
     verbose: show a progress bar.
@@ -361,10 +363,10 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
     steps_per_epoch = max(1, info.num_train // config.batch_size)
     views = 1 if config.method in ("ce", "npairs") else config.data.num_views
 
-    def dataset_fn(context):  # pylint: disable=function-redefined
+    def pipeline_fn(context, skip_batches):
       return data.pretrain_dataset(
           config.data, global_batch_size=config.batch_size, seed=config.seed,
-          input_context=context, num_views=views)
+          input_context=context, num_views=views, skip_batches=skip_batches)
   else:
     if config.steps is None:
       raise ValueError("With a custom dataset_fn, set config.steps.")
@@ -372,18 +374,13 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
     input_shape = spec[0].shape[2:]
     num_classes = None
     steps_per_epoch = config.steps
+
+    def pipeline_fn(context, skip_batches):
+      return dataset_fn(context).skip(skip_batches)
   trainer = Trainer(config, strategy, num_classes=num_classes,
                     input_shape=input_shape, steps_per_epoch=steps_per_epoch,
                     encoder=encoder)
-  dataset = strategy.distribute_datasets_from_function(dataset_fn)
-  iterator = iter(dataset)
-  state = {}
-  if isinstance(iterator, tf.__internal__.tracking.Trackable):
-    state["iterator"] = iterator
-  else:
-    logging.warning("This strategy's input iterator cannot be checkpointed: "
-                    "a resumed run restarts the input stream.")
-  saver = CheckpointSaver(trainer.checkpoint(**state),
+  saver = CheckpointSaver(trainer.checkpoint(),
                           rundir.checkpoints_dir(workdir), strategy,
                           config.keep_checkpoints)
   restored = saver.restore()
@@ -393,6 +390,8 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
   step = int(trainer.step.numpy())
   if restored and verbose:
     logging.info("Resumed from %s at step %d.", restored, step)
+  iterator = iter(strategy.distribute_datasets_from_function(
+      lambda context: pipeline_fn(context, _batches_delivered(step, context))))
   writer = (tf.summary.create_file_writer(os.path.join(workdir, "train"))
             if saver.chief else tf.summary.create_noop_writer())
   progress = keras.utils.Progbar(trainer.total_steps, verbose=int(verbose),
@@ -436,6 +435,15 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
   writer.flush()
   return TrainResult(step=step, loss=metrics["loss"],
                      images_per_second=rate, workdir=workdir)
+
+
+def _batches_delivered(step: int, context: tf.distribute.InputContext) -> int:
+  """Batches an input pipeline has produced after `step` steps.
+
+  Each step takes one per-replica batch for every replica the pipeline
+  feeds: `num_replicas_in_sync / num_input_pipelines` of them.
+  """
+  return step * (context.num_replicas_in_sync // context.num_input_pipelines)
 
 
 def restore_encoder(workdir: str, config: config_lib.TrainConfig,

@@ -159,17 +159,22 @@ def synthetic_dataset_fn(context):
                                                            drop_remainder=True))
 
 
-def test_pretrain_resume_gives_same_weights(tmp_path):
+@pytest.mark.parametrize(
+    "replicas", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_pretrain_resume_gives_same_weights(tmp_path, replicas):
+  # The resumed call builds a new input pipeline: it must start where the
+  # checkpoint left the stream, also under MirroredStrategy (whose input
+  # iterator cannot be checkpointed).
   config = tiny_config(deterministic=True)
   straight = tmp_path / "straight"
-  train_lib.pretrain(config, str(straight), dataset_fn=synthetic_dataset_fn,
-                     verbose=False)
+  train_lib.pretrain(config, str(straight), strategy_for(replicas),
+                     dataset_fn=synthetic_dataset_fn, verbose=False)
   resumed = tmp_path / "resumed"
-  first = train_lib.pretrain(config, str(resumed),
+  first = train_lib.pretrain(config, str(resumed), strategy_for(replicas),
                              dataset_fn=synthetic_dataset_fn, stop_at_step=2,
                              verbose=False)
   assert first.step == 2
-  second = train_lib.pretrain(config, str(resumed),
+  second = train_lib.pretrain(config, str(resumed), strategy_for(replicas),
                               dataset_fn=synthetic_dataset_fn, verbose=False)
   assert second.step == 4
   a = train_lib.restore_encoder(str(straight), config, (IMAGE, IMAGE, 3))
