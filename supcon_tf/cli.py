@@ -151,6 +151,26 @@ def _split_cpu(devices: int) -> None:
 def run_pipeline(mode: str, workdir: str) -> dict:
   """Runs the stages of `mode` in `workdir`; returns the report."""
   # Heavy imports after flag parsing, so --help and flag errors are instant.
+  from supcon_tf import distributed  # pylint: disable=g-import-not-at-top
+  from supcon_tf import rundir
+
+  report_path = rundir.report_path(workdir)
+  report = {}
+  if os.path.exists(report_path):
+    with open(report_path) as f:
+      report = json.load(f)
+  strategy = distributed.make_strategy(FLAGS.strategy)
+  chief = distributed.is_chief(strategy)
+  report = _run_stages(mode, workdir, report, strategy, chief)
+  # Workers that are done wait for the chief's stages before leaving (not
+  # after a failure: a worker still inside a training collective would wait
+  # for this one forever; leaving lets the cluster report the error).
+  distributed.wait_for_workers(strategy)
+  return _write_report(report_path, report, chief)
+
+
+def _run_stages(mode, workdir, report, strategy, chief):
+  """The stages of `mode`; returns the updated report."""
   from supcon_tf import data  # pylint: disable=g-import-not-at-top
   from supcon_tf import distributed
   from supcon_tf import evaluation
@@ -160,13 +180,6 @@ def run_pipeline(mode: str, workdir: str) -> dict:
   from supcon_tf import train_lib
 
   pretrain_dir = rundir.pretrain_dir(workdir)
-  report_path = rundir.report_path(workdir)
-  report = {}
-  if os.path.exists(report_path):
-    with open(report_path) as f:
-      report = json.load(f)
-  strategy = distributed.make_strategy(FLAGS.strategy)
-  chief = distributed.is_chief(strategy)
   if mode in ("all", "train_ce", "pretrain"):
     config = train_config()
     start = time.time()
@@ -178,7 +191,12 @@ def run_pipeline(mode: str, workdir: str) -> dict:
                             "images_per_second": result.images_per_second,
                             "seconds_this_run": round(time.time() - start, 1)}
   if mode == "pretrain" or not chief:
-    return _write_report(report_path, report, chief)
+    return report
+  if distributed.is_multi_worker(strategy):
+    # The later stages run on the chief alone, on one device: linear
+    # evaluation on cached features costs a small fraction of pretraining,
+    # and alone the chief needs no collectives with workers that are idle.
+    strategy = distributed.make_strategy("default")
   config = rundir.load_config(pretrain_dir)
   encoder = train_lib.restore_encoder(pretrain_dir, config)
   info = data.dataset_info(config.data)
@@ -201,7 +219,7 @@ def run_pipeline(mode: str, workdir: str) -> dict:
     report["evaluation"] = evaluation.evaluate_workdir(
         workdir, encoder=encoder, classifier=_load_classifier(workdir),
         data_config=config.data, robustness=FLAGS.robustness)
-  return _write_report(report_path, report, chief)
+  return report
 
 
 def _load_classifier(workdir):

@@ -132,6 +132,36 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
       "chief" not in resolver.cluster_spec().as_dict())
 
 
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+  """Whether `strategy` spans several worker processes."""
+  resolver = getattr(strategy, "cluster_resolver", None)
+  return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+          and resolver is not None
+          and sum(len(tasks) for tasks in
+                  resolver.cluster_spec().as_dict().values()) > 1)
+
+
+def wait_for_workers(strategy: tf.distribute.Strategy) -> None:
+  """Returns once every worker of `strategy` has called it.
+
+  A worker that leaves the cluster early makes the others' next collective
+  (or the coordination service) fail, so workers with nothing left to do
+  wait here for the chief. A no-op on one worker.
+  """
+  if not is_multi_worker(strategy):
+    return
+
+  @tf.function
+  def all_reduce_one():
+    def replica_fn():
+      with replica_device_scope(strategy):
+        return tf.identity(tf.constant(1.0))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM,
+                           strategy.run(replica_fn), axis=None)
+
+  all_reduce_one()
+
+
 def replica_device_scope(strategy: tf.distribute.Strategy):
   """Device scope the replica function must run under.
 

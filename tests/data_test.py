@@ -50,6 +50,23 @@ def test_pretrain_shapes_dtypes_range(tmp_path):
   assert np.all((labels >= 0) & (labels < 10))
 
 
+def test_skip_batches_continues_the_stream(tmp_path):
+  # 12 mocked records, 3 batches per epoch: skipping 5 lands mid-epoch 2,
+  # whose order and augmentation must be those of the unskipped stream.
+  with conftest.mock_tfds(tmp_path):
+    cfg = _cfg(shuffle_buffer=8)
+    stream = _batches(data.pretrain_dataset(cfg, global_batch_size=4, seed=1),
+                      8)
+    resumed = _batches(data.pretrain_dataset(cfg, global_batch_size=4,
+                                             seed=1, skip_batches=5), 3)
+    with pytest.raises(ValueError, match="skip_batches"):
+      data.pretrain_dataset(cfg, global_batch_size=4, seed=1,
+                            skip_batches=-1)
+  for (x1, y1), (x2, y2) in zip(stream[5:], resumed):
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(y1, y2)
+
+
 def test_same_seed_same_batches_other_seed_differs(tmp_path):
   with conftest.mock_tfds(tmp_path):
     cfg = _cfg()

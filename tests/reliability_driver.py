@@ -4,13 +4,16 @@ The test kills this process with SIGKILL (from outside, or from inside at a
 chosen instant) and runs the same command again:
 
   python reliability_driver.py pretrain WORKDIR [--sleep=S] [--die_in_save=N]
+      [--replicas=R | --multi_worker]
   python reliability_driver.py linear WORKDIR [--sleep=S]
   python reliability_driver.py export BASE [--die_in_export]
 
 `pretrain` prints `step N` after every step, `linear` prints `epoch N`
 after every recorded epoch, each followed by a pause of `--sleep` seconds
-so that the test can kill the process between them. The test module imports
-this one for the shared tiny configurations.
+so that the test can kill the process between them. `--replicas=R` trains
+under a MirroredStrategy over R logical CPUs, `--multi_worker` under a
+MultiWorkerMirroredStrategy (one worker of the cluster in `TF_CONFIG`). The
+test module imports this one for the shared tiny configurations.
 """
 
 import argparse
@@ -112,7 +115,19 @@ def _kill_self():
   os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run_pretrain(workdir, sleep, die_in_save):
+def _strategy(replicas, multi_worker):
+  if multi_worker:
+    return tf.distribute.MultiWorkerMirroredStrategy()
+  if replicas > 1:
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
+    return tf.distribute.MirroredStrategy(
+        [d.name for d in tf.config.list_logical_devices("CPU")])
+  return None
+
+
+def run_pretrain(workdir, sleep, die_in_save, strategy=None):
   real_loop = train_lib.Trainer.train_loop
 
   def train_loop(self, iterator, steps):
@@ -133,7 +148,7 @@ def run_pretrain(workdir, sleep, die_in_save):
       real_record(manager)
 
     tf.train.CheckpointManager._record_state = record_state
-  train_lib.pretrain(tiny_config(), workdir, dataset_fn=dataset_fn,
+  train_lib.pretrain(tiny_config(), workdir, strategy, dataset_fn=dataset_fn,
                      verbose=False)
 
 
@@ -176,9 +191,12 @@ def main():
   parser.add_argument("--sleep", type=float, default=0.0)
   parser.add_argument("--die_in_save", type=int, default=0)
   parser.add_argument("--die_in_export", action="store_true")
+  parser.add_argument("--replicas", type=int, default=1)
+  parser.add_argument("--multi_worker", action="store_true")
   args = parser.parse_args()
   if args.mode == "pretrain":
-    run_pretrain(args.path, args.sleep, args.die_in_save)
+    run_pretrain(args.path, args.sleep, args.die_in_save,
+                 _strategy(args.replicas, args.multi_worker))
   elif args.mode == "linear":
     run_linear(args.path, args.sleep)
   else:

@@ -38,6 +38,7 @@ import functools
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -72,18 +73,19 @@ RSS_GROWTH_LIMIT_MB = 200
 # Helpers.
 
 
-def start(args, log_path, cwd=None):
+def start(args, log_path, cwd=None, env=None):
   """Starts `python *args` with stdout piped and stderr in `log_path`."""
   log = open(log_path, "w")  # pylint: disable=consider-using-with
   process = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE,
-                             stderr=log, text=True, env=ENV, cwd=cwd)
+                             stderr=log, text=True, env={**ENV, **(env or {})},
+                             cwd=cwd)
   process.log_path = log_path
   log.close()
   return process
 
 
-def start_driver(tmp_path, name, *args):
-  return start([DRIVER, *args], tmp_path / f"{name}.log")
+def start_driver(tmp_path, name, *args, env=None):
+  return start([DRIVER, *args], tmp_path / f"{name}.log", env=env)
 
 
 def log_tail(process, chars=3000):
@@ -228,6 +230,58 @@ def test_pretrain_killed_anywhere_resumes_bit_exact(tmp_path):
       # Model, optimizer slots, step counter: all bit-identical.
       assert_same_tensors(final[name][step], final["straight"][step],
                           f"{name}: {where}")
+
+
+def _free_port():
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
+def start_workers(tmp_path, name, workdir, workers=2):
+  """The workers of a loopback cluster running the pretrain driver."""
+  cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(workers)]}
+  return [start_driver(
+      tmp_path, f"{name}-{index}", "pretrain", workdir, "--sleep=0.3",
+      "--multi_worker", env={"TF_CONFIG": json.dumps(
+          {"cluster": cluster, "task": {"type": "worker", "index": index}})})
+          for index in range(workers)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["replicas", "workers"])
+def test_distributed_pretrain_killed_resumes_bit_exact(tmp_path, where):
+  # The input iterator of a multi-device strategy cannot be checkpointed:
+  # the resumed run must still read on from the restored step.
+  dirs = {name: str(tmp_path / name) for name in ("straight", "killed")}
+  if where == "replicas":
+    runs = {name: [start_driver(tmp_path, name, "pretrain", path,
+                                "--sleep=0.3", "--replicas=2")]
+            for name, path in dirs.items()}
+  else:
+    runs = {name: start_workers(tmp_path, name, path)
+            for name, path in dirs.items()}
+  kill_after(runs["killed"][0], "step", 5, 0.0)  # After ckpt-4.
+  for process in runs["killed"][1:]:
+    process.kill()
+    process.wait(timeout=TIMEOUT)
+  for process in runs["straight"]:
+    finish(process)
+  ckpt = {name: os.path.join(path, "checkpoints")
+          for name, path in dirs.items()}
+  assert max(assert_checkpoints_load(ckpt["killed"])) == 4
+  if where == "replicas":
+    again = [start_driver(tmp_path, "again", "pretrain", dirs["killed"],
+                          "--replicas=2")]
+  else:
+    again = start_workers(tmp_path, "again", dirs["killed"])
+  for process in again:
+    finish(process)
+  final = {name: assert_checkpoints_load(path) for name, path in ckpt.items()}
+  assert sorted(final["killed"]) == sorted(final["straight"]) == [8, 10, 12]
+  for step in (8, 10, 12):
+    assert_same_tensors(final["killed"][step], final["straight"][step],
+                        f"{where}, step {step}")
 
 
 @pytest.mark.slow
