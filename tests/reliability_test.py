@@ -779,3 +779,40 @@ def test_export_under_load_from_threads(tmp_path):
 
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.slow
+def test_command_line_multi_worker_mode_all_reaches_an_export(tmp_path):
+  # Pretraining on both workers, then the later stages on the chief alone
+  # while the other worker waits for it.
+  rng = np.random.default_rng(0)
+  for split, count in (("train", 16), ("test", 4)):
+    for name in ("a", "b"):
+      class_dir = tmp_path / "images" / split / name
+      class_dir.mkdir(parents=True)
+      for i in range(count):
+        image = rng.integers(0, 256, (8, 8, 3), np.uint8)
+        (class_dir / f"{i}.png").write_bytes(
+            tf.io.encode_png(image).numpy())
+  workdir = tmp_path / "run"
+  flags = [f"--workdir={workdir}", "--strategy=multi_worker",
+           f"--dataset=folder:{tmp_path / 'images'}", "--image_size=8",
+           "--width=0.0625", "--projection_dim=8", "--batch_size=8",
+           "--steps=4", "--steps_per_loop=2", "--checkpoint_every=2",
+           "--warmup_epochs=0", "--mixed_precision=float32",
+           "--linear_epochs=1", "--linear_learning_rates=0.3",
+           "--linear_batch_size=8", "--norobustness"]
+  cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(2)]}
+  workers = [start(["-m", "supcon_tf", *flags], tmp_path / f"worker{i}.log",
+                   cwd=str(tmp_path), env={"TF_CONFIG": json.dumps(
+                       {"cluster": cluster,
+                        "task": {"type": "worker", "index": i}})})
+             for i in range(2)]
+  for process in workers:
+    finish(process)
+  with open(workdir / "report.json") as f:
+    report = json.load(f)
+  assert report["pretrain"]["steps"] == 4
+  assert 0.0 <= report["linear_eval"]["test_top1"] <= 1.0
+  assert report["export"] == str(workdir / "export" / "1")
+  assert (workdir / "export" / "1" / "saved_model.pb").exists()
