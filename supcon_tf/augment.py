@@ -18,6 +18,9 @@ Policies:
     AutoContrast and full Solarize, and magnitudes use this module's scale.
   * `identity` ("none"): resize only.
 
+Random resized crops draw their box as SimCLR's TF code (`simclr`) or as
+torchvision's `RandomResizedCrop` (`torchvision`); see `crop_box`.
+
 `make_view_fn` turns a policy name into the per-example function used by
 `supcon_tf.data`.
 """
@@ -97,10 +100,104 @@ def _grayscale_rgb(image: tf.Tensor) -> tf.Tensor:
 # Geometry shared by all policies.
 
 
+def _simclr_box(shape, seed, crop_scale, aspect_ratio):
+  """`(begin [3], size [3])` of TF's `sample_distorted_bounding_box`.
+
+  As SimCLR's TF code: the aspect ratio is uniform and the crop height is
+  uniform between the heights of the smallest and largest allowed areas, so
+  areas lean small (median 0.46 of a square image at `crop_scale=(0.2, 1)`,
+  `tests/augment_test.py`).
+  """
+  whole_image = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4])
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, bounding_boxes=whole_image, seed=seed,
+      min_object_covered=0.1, aspect_ratio_range=aspect_ratio,
+      area_range=crop_scale, max_attempts=100,
+      use_image_if_no_bounding_boxes=True)
+  return begin, size
+
+
+def _torchvision_box(shape, seed, crop_scale, aspect_ratio, tries=10):
+  """`(begin [3], size [3])` as torchvision's `RandomResizedCrop`.
+
+  Area uniform in `crop_scale`, aspect ratio log-uniform; the first of
+  `tries` boxes that fits in the image wins, and when none fits the centre
+  crop of the clamped aspect ratio is used. At (0.2, 1) the proposals have
+  median area 0.6; large boxes off the square aspect do not fit, so the
+  median of a square image's crops is 0.54 (`tests/augment_test.py`).
+  """
+  height = tf.cast(shape[0], tf.float32)
+  width = tf.cast(shape[1], tf.float32)
+  seeds = _split(seed, 4)
+  area = height * width * tf.random.stateless_uniform(
+      [tries], seeds[0], minval=crop_scale[0], maxval=crop_scale[1])
+  log_low, log_high = math.log(aspect_ratio[0]), math.log(aspect_ratio[1])
+  ratio = tf.exp(tf.random.stateless_uniform(
+      [tries], seeds[1], minval=log_low, maxval=log_high))
+  # Python's round() in torchvision is half-to-even, as tf.round.
+  box_w = tf.round(tf.sqrt(area * ratio))
+  box_h = tf.round(tf.sqrt(area / ratio))
+  fits = (box_w > 0) & (box_w <= width) & (box_h > 0) & (box_h <= height)
+  first = tf.argmax(tf.cast(fits, tf.int32))
+  # Offsets uniform over the integer positions [0, side - box].
+  top = tf.floor(tf.random.stateless_uniform([tries], seeds[2]) *
+                 (height - box_h + 1.0))
+  left = tf.floor(tf.random.stateless_uniform([tries], seeds[3]) *
+                  (width - box_w + 1.0))
+  # Fallback: the whole image, its aspect ratio clamped to `aspect_ratio`.
+  in_ratio = width / height
+  fallback_w = tf.where(in_ratio > aspect_ratio[1],
+                        tf.round(height * aspect_ratio[1]), width)
+  fallback_h = tf.where(in_ratio < aspect_ratio[0],
+                        tf.round(width / aspect_ratio[0]), height)
+  found = tf.reduce_any(fits)
+  box = tf.where(
+      found,
+      tf.stack([top[first], left[first], box_h[first], box_w[first]]),
+      tf.stack([tf.floor((height - fallback_h) / 2.0),
+                tf.floor((width - fallback_w) / 2.0), fallback_h,
+                fallback_w]))
+  box = tf.cast(box, tf.int32)
+  begin = tf.stack([box[0], box[1], 0])
+  size = tf.stack([box[2], box[3], -1])
+  return begin, size
+
+
+def crop_box(shape: tf.Tensor, seed: tf.Tensor, *,
+             crop_scale: Tuple[float, float] = (0.2, 1.0),
+             aspect_ratio: Tuple[float, float] = _ASPECT_RANGE,
+             sampling: str = "simclr") -> Tuple[tf.Tensor, tf.Tensor]:
+  """Samples the box of a random resized crop.
+
+  Args:
+    shape: `[3]` int shape `(height, width, channels)` of the image.
+    seed: `[2]` int seed.
+    crop_scale: range of the box area as a fraction of the image area.
+    aspect_ratio: range of the box width / height.
+    sampling: `simclr` (TF's `sample_distorted_bounding_box`, as SimCLR's
+      TF code: height uniform, areas lean small) or `torchvision`
+      (`RandomResizedCrop`: area uniform, aspect log-uniform, 10 tries then
+      a centre crop); see `supcon_tf.config.CROP_SAMPLINGS`.
+
+  Returns:
+    `(begin, size)`, int32 `[3]` each, for `tf.slice(image, begin, size)`
+    (`size[2]` is -1: all channels).
+
+  Raises:
+    ValueError: unknown `sampling`.
+  """
+  if sampling == "simclr":
+    return _simclr_box(shape, seed, crop_scale, aspect_ratio)
+  if sampling == "torchvision":
+    return _torchvision_box(shape, seed, crop_scale, aspect_ratio)
+  raise ValueError(f"Unknown crop sampling {sampling!r}; choose one of "
+                   f"{list(config_lib.CROP_SAMPLINGS)}.")
+
+
 def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, *, size: int,
                         crop_scale: Tuple[float, float] = (0.2, 1.0),
-                        aspect_ratio: Tuple[float, float] = _ASPECT_RANGE
-                        ) -> tf.Tensor:
+                        aspect_ratio: Tuple[float, float] = _ASPECT_RANGE,
+                        sampling: str = "simclr") -> tf.Tensor:
   """Crops a random box and resizes it to `[size, size, 3]`.
 
   Args:
@@ -109,25 +206,22 @@ def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, *, size: int,
     size: output side.
     crop_scale: range of the box area as a fraction of the image area.
     aspect_ratio: range of the box width / height.
+    sampling: how the box is drawn, `simclr` or `torchvision` (`crop_box`).
 
   Returns:
     `[size, size, 3]` float32.
   """
-  whole_image = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4])
-  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), bounding_boxes=whole_image, seed=seed,
-      min_object_covered=0.1, aspect_ratio_range=aspect_ratio,
-      area_range=crop_scale, max_attempts=100,
-      use_image_if_no_bounding_boxes=True)
+  begin, crop_size = crop_box(tf.shape(image), seed, crop_scale=crop_scale,
+                              aspect_ratio=aspect_ratio, sampling=sampling)
   crop = tf.slice(image, begin, crop_size)
   crop = tf.image.resize(crop, [size, size], antialias=True)
   return tf.ensure_shape(crop, [size, size, 3])
 
 
-def _crop_and_flip(image, seed, size, crop_scale):
+def _crop_and_flip(image, seed, size, crop_scale, crop_sampling):
   crop_seed, flip_seed = tf.unstack(_split(seed, 2))
   image = random_resized_crop(image, crop_seed, size=size,
-                              crop_scale=crop_scale)
+                              crop_scale=crop_scale, sampling=crop_sampling)
   return tf.image.stateless_random_flip_left_right(image, flip_seed)
 
 
@@ -179,7 +273,8 @@ def _gaussian_blur(image: tf.Tensor, seed: tf.Tensor, size: int) -> tf.Tensor:
 
 def simclr_augment(image: tf.Tensor, seed: tf.Tensor, *, size: int,
                    blur: bool = False,
-                   crop_scale: Tuple[float, float] = (0.2, 1.0)) -> tf.Tensor:
+                   crop_scale: Tuple[float, float] = (0.2, 1.0),
+                crop_sampling: str = "simclr") -> tf.Tensor:
   """The SimCLR / SupCon view augmentation.
 
   Random resized crop (area `crop_scale`, aspect 3/4-4/3) resized to `size`,
@@ -193,13 +288,16 @@ def simclr_augment(image: tf.Tensor, seed: tf.Tensor, *, size: int,
     size: output side.
     blur: apply the Gaussian blur (ImageNet recipe; off for CIFAR).
     crop_scale: range of the crop area as a fraction of the image area.
+    crop_sampling: how the crop box is drawn, `simclr` or `torchvision`
+      (see `crop_box`).
 
   Returns:
     `[size, size, 3]` float32 in [0, 1].
   """
   image = _to_float(image)
   seeds = _split(seed, 6)
-  image = _crop_and_flip(image, seeds[0], size, crop_scale)
+  image = _crop_and_flip(image, seeds[0], size, crop_scale,
+                         crop_sampling)
   image = _maybe_apply(lambda x: _color_jitter(x, seeds[1]), image,
                        _JITTER_PROB, seeds[2])
   image = _maybe_apply(_grayscale_rgb, image, _GRAYSCALE_PROB, seeds[3])
@@ -379,7 +477,8 @@ def _apply_op(image: tf.Tensor, op_index: tf.Tensor, level: tf.Tensor,
 
 def randaugment(image: tf.Tensor, seed: tf.Tensor, *, size: int,
                 num_ops: int = 2, magnitude: float = 9,
-                crop_scale: Tuple[float, float] = (0.2, 1.0)) -> tf.Tensor:
+                crop_scale: Tuple[float, float] = (0.2, 1.0),
+                crop_sampling: str = "simclr") -> tf.Tensor:
   """Random resized crop, flip, then `num_ops` ops drawn from `OP_NAMES`.
 
   Args:
@@ -390,6 +489,8 @@ def randaugment(image: tf.Tensor, seed: tf.Tensor, *, size: int,
     magnitude: strength of every op on a 0-10 scale; signed ops (rotate,
       shear, translate, enhance) pick their sign at random.
     crop_scale: range of the crop area as a fraction of the image area.
+    crop_sampling: how the crop box is drawn, `simclr` or `torchvision`
+      (see `crop_box`).
 
   Returns:
     `[size, size, 3]` float32 in [0, 1].
@@ -398,7 +499,8 @@ def randaugment(image: tf.Tensor, seed: tf.Tensor, *, size: int,
     raise ValueError(f"magnitude must be in [0, 10], got {magnitude}.")
   image = _to_float(image)
   seeds = _split(seed, num_ops + 2)
-  image = _crop_and_flip(image, seeds[0], size, crop_scale)
+  image = _crop_and_flip(image, seeds[0], size, crop_scale,
+                         crop_sampling)
   op_indices = tf.random.stateless_uniform(
       [num_ops], seeds[1], minval=0, maxval=len(_OP_FNS), dtype=tf.int32)
   level = tf.constant(magnitude / _MAX_LEVEL, tf.float32)
@@ -408,7 +510,8 @@ def randaugment(image: tf.Tensor, seed: tf.Tensor, *, size: int,
 
 
 def autoaugment(image: tf.Tensor, seed: tf.Tensor, *, size: int,
-                crop_scale: Tuple[float, float] = (0.2, 1.0)) -> tf.Tensor:
+                crop_scale: Tuple[float, float] = (0.2, 1.0),
+                crop_sampling: str = "simclr") -> tf.Tensor:
   """Random resized crop, flip, then one AutoAugment-like sub-policy.
 
   The sub-policy is drawn uniformly from `AUTOAUGMENT_POLICY`; each of its
@@ -421,13 +524,16 @@ def autoaugment(image: tf.Tensor, seed: tf.Tensor, *, size: int,
     seed: `[2]` int seed.
     size: output side.
     crop_scale: range of the crop area as a fraction of the image area.
+    crop_sampling: how the crop box is drawn, `simclr` or `torchvision`
+      (see `crop_box`).
 
   Returns:
     `[size, size, 3]` float32 in [0, 1].
   """
   image = _to_float(image)
   seeds = _split(seed, 6)
-  image = _crop_and_flip(image, seeds[0], size, crop_scale)
+  image = _crop_and_flip(image, seeds[0], size, crop_scale,
+                         crop_sampling)
   ops = tf.constant([[OP_NAMES.index(op) for op, _, _ in sub]
                      for sub in AUTOAUGMENT_POLICY], tf.int32)
   probs = tf.constant([[p for _, p, _ in sub] for sub in AUTOAUGMENT_POLICY],
@@ -453,7 +559,7 @@ def identity(image: tf.Tensor, seed: Optional[tf.Tensor] = None, *,
 
 
 def make_view_fn(policy: str, *, size: int, blur: bool = False,
-                 num_views: int = 2
+                 num_views: int = 2, crop_sampling: str = "simclr"
                  ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
   """Builds the per-example multi-view augmentation.
 
@@ -464,6 +570,9 @@ def make_view_fn(policy: str, *, size: int, blur: bool = False,
     blur: Gaussian blur in the `simclr` policy.
     num_views: views per image; each gets its own seed (the per-example seed
       with the view index folded in), so views differ.
+    crop_sampling: how random resized crops draw their box, one of
+      `supcon_tf.config.CROP_SAMPLINGS` (`simclr`, `torchvision`; see
+      `crop_box`).
 
   Returns:
     `fn(image, seed)` mapping `[height, width, 3]` uint8 or float32 in [0, 1]
@@ -471,12 +580,17 @@ def make_view_fn(policy: str, *, size: int, blur: bool = False,
     [0, 1].
 
   Raises:
-    ValueError: unknown `policy`, or `num_views` / `size` below 1.
+    ValueError: unknown `policy` or `crop_sampling`, or `num_views` / `size`
+      below 1.
   """
+  if crop_sampling not in config_lib.CROP_SAMPLINGS:
+    raise ValueError(f"Unknown crop sampling {crop_sampling!r}; choose one of "
+                     f"{list(config_lib.CROP_SAMPLINGS)}.")
+  crop = dict(size=size, crop_sampling=crop_sampling)
   policies = {
-      "simclr": functools.partial(simclr_augment, size=size, blur=blur),
-      "randaugment": functools.partial(randaugment, size=size),
-      "autoaugment": functools.partial(autoaugment, size=size),
+      "simclr": functools.partial(simclr_augment, blur=blur, **crop),
+      "randaugment": functools.partial(randaugment, **crop),
+      "autoaugment": functools.partial(autoaugment, **crop),
       "none": functools.partial(identity, size=size),
   }
   if policy not in config_lib.AUGMENTATIONS or policy not in policies:

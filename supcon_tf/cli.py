@@ -44,6 +44,9 @@ flags.DEFINE_integer("num_views", 2, "Views per image.")
 flags.DEFINE_enum("augmentation", "simclr", config_lib.AUGMENTATIONS,
                   "View augmentation policy.")
 flags.DEFINE_bool("blur", False, "Gaussian blur in the SimCLR policy.")
+flags.DEFINE_enum("crop_sampling", "simclr", config_lib.CROP_SAMPLINGS,
+                  "Random-resized-crop box: simclr (SimCLR's TF code, crop "
+                  "height uniform) or torchvision (area uniform).")
 flags.DEFINE_bool("skip_corrupt", False, "In folder datasets, skip (and "
                   "count) undecodable image files instead of failing.")
 flags.DEFINE_float("validation_fraction", 0.1, "Share of the training split "
@@ -124,6 +127,7 @@ def data_config() -> config_lib.DataConfig:
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
       image_size=FLAGS.image_size, num_views=FLAGS.num_views,
       augmentation=FLAGS.augmentation, blur=FLAGS.blur,
+      crop_sampling=FLAGS.crop_sampling,
       validation_fraction=FLAGS.validation_fraction,
       skip_corrupt=FLAGS.skip_corrupt)
 

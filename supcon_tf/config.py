@@ -15,6 +15,8 @@ CONTRAST_MODES = ("all", "one")
 SUMMATIONS = ("out", "in")
 DENOMINATORS = ("all", "one_positive", "only_negatives")
 AUGMENTATIONS = ("simclr", "randaugment", "autoaugment", "none")
+# Random-resized-crop box sampling: SimCLR's TF code or torchvision's.
+CROP_SAMPLINGS = ("simclr", "torchvision")
 OPTIMIZERS = ("sgd", "lars", "adamw", "lamb")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -63,6 +65,11 @@ class DataConfig:
     num_views: augmented views per image for contrastive methods.
     augmentation: view policy, one of AUGMENTATIONS.
     blur: apply Gaussian blur in the SimCLR policy (ImageNet recipe).
+    crop_sampling: how random resized crops draw their box: `simclr`
+      (TF's `sample_distorted_bounding_box`, as SimCLR's TF code; crop height
+      uniform: median area 0.46 of a square image at scale 0.2-1) or
+      `torchvision` (`RandomResizedCrop`, as the official PyTorch SupCon
+      code; area uniform: median 0.54 there).
     train_split / eval_split: TFDS split strings.
     validation_fraction: share of `train_split` held out for choices made in
       linear evaluation (the test split is reported once, at the end).
@@ -75,6 +82,7 @@ class DataConfig:
   num_views: int = 2
   augmentation: str = "simclr"
   blur: bool = False
+  crop_sampling: str = "simclr"
   train_split: str = "train"
   eval_split: str = "test"
   validation_fraction: float = 0.1
@@ -86,6 +94,7 @@ class DataConfig:
     if self.num_views < 1:
       raise ValueError(f"num_views must be >= 1, got {self.num_views}.")
     _check_choice("augmentation", self.augmentation, AUGMENTATIONS)
+    _check_choice("crop_sampling", self.crop_sampling, CROP_SAMPLINGS)
     if not 0.0 <= self.validation_fraction < 1.0:
       raise ValueError("validation_fraction must be in [0, 1), got "
                        f"{self.validation_fraction}.")

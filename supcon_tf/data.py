@@ -395,7 +395,8 @@ def _augmented_dataset(config: config_lib.DataConfig, *,
   batch_size = _per_replica_batch_size(global_batch_size, input_context)
   source = _source(config)
   view_fn = augment_lib.make_view_fn(policy, size=config.image_size,
-                                 blur=config.blur, num_views=num_views)
+                                 blur=config.blur, num_views=num_views,
+                                 crop_sampling=config.crop_sampling)
   pipeline_id = input_context.input_pipeline_id if input_context else 0
 
   ds = _shard(source.read("train"), input_context)

@@ -84,6 +84,85 @@ def test_full_area_crop_keeps_image():
   np.testing.assert_allclose(crop.numpy(), image.numpy(), atol=1e-6)
 
 
+def _boxes(sampling, shape, num=2000, **kwargs):
+  """`[num, 4]` (top, left, height, width) of `crop_box` for seeds 0..num-1."""
+
+  @tf.function
+  def boxes(seeds):
+    def one(seed):
+      begin, size = augment.crop_box(tf.constant(shape), seed,
+                                     sampling=sampling, **kwargs)
+      return tf.concat([begin[:2], size[:2]], 0)
+    return tf.map_fn(one, seeds, fn_output_signature=tf.int32)
+
+  return boxes(tf.stack([tf.range(num), tf.fill([num], 7)], axis=1)).numpy()
+
+
+def _torchvision_reference_areas(num, side, scale=(0.2, 1.0),
+                                 ratio=(3 / 4, 4 / 3)):
+  """Crop areas of torchvision's RandomResizedCrop.get_params, in NumPy."""
+  rng = np.random.default_rng(0)
+  areas = []
+  for _ in range(num):
+    for _ in range(10):
+      target = side * side * rng.uniform(*scale)
+      aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+      w = round(np.sqrt(target * aspect))
+      h = round(np.sqrt(target / aspect))
+      if 0 < w <= side and 0 < h <= side:
+        areas.append(w * h / side**2)
+        break
+    else:
+      areas.append(1.0)  # Centre crop of a square image: all of it.
+  return np.array(areas)
+
+
+def test_crop_area_distribution_of_each_sampling():
+  side = 256
+  areas = {}
+  for sampling in config.CROP_SAMPLINGS:
+    boxes = _boxes(sampling, [side, side, 3])
+    assert np.all(boxes[:, :2] >= 0)
+    assert np.all(boxes[:, 0] + boxes[:, 2] <= side)
+    assert np.all(boxes[:, 1] + boxes[:, 3] <= side)
+    aspect = boxes[:, 3] / boxes[:, 2]
+    assert aspect.min() > 0.73 and aspect.max() < 1.37  # 3/4-4/3, rounded.
+    areas[sampling] = boxes[:, 2] * boxes[:, 3] / side**2
+    assert areas[sampling].min() > 0.19 and areas[sampling].max() <= 1.0
+  reference = np.median(_torchvision_reference_areas(20_000, side))
+  assert abs(reference - 0.54) < 0.01
+  assert abs(np.median(areas["torchvision"]) - reference) < 0.02
+  # Uniform heights lean small: SimCLR's TF sampling has the smaller median.
+  assert abs(np.median(areas["simclr"]) - 0.46) < 0.02
+  # Area uniform in [0.2, 1] up to boxes that do not fit: the lower quartile
+  # of torchvision's areas is near 0.2 + 0.25 * 0.8 = 0.4.
+  assert abs(np.quantile(areas["torchvision"], 0.25) - 0.4) < 0.03
+
+
+def test_torchvision_sampling_falls_back_to_centre_crop():
+  # No box of 90-100 % of a 10 x 200 image has an aspect ratio in 3/4-4/3.
+  boxes = _boxes("torchvision", [10, 200, 3], num=5, crop_scale=(0.9, 1.0))
+  # Whole height, width clamped to 4/3 of it, centred.
+  np.testing.assert_array_equal(boxes, [[0, 93, 10, 13]] * 5)
+  boxes = _boxes("torchvision", [200, 10, 3], num=5, crop_scale=(0.9, 1.0))
+  np.testing.assert_array_equal(boxes, [[93, 0, 13, 10]] * 5)
+
+
+def test_unknown_crop_sampling_lists_choices():
+  with pytest.raises(ValueError, match="simclr.*torchvision"):
+    augment.make_view_fn("simclr", size=SIZE, crop_sampling="inception")
+
+
+@pytest.mark.parametrize("policy", ["simclr", "randaugment", "autoaugment"])
+def test_crop_sampling_reaches_every_policy(policy):
+  image = _image(40, 40)
+  seed = tf.constant([3, 4], tf.int64)
+  views = {s: augment.make_view_fn(policy, size=SIZE, num_views=1,
+                                   crop_sampling=s)(image, seed).numpy()
+           for s in config.CROP_SAMPLINGS}
+  assert np.abs(views["simclr"] - views["torchvision"]).max() > 1e-3
+
+
 def test_simclr_grayscale_and_jitter_rates():
   # Grayscale (p=0.2) shows as equal channels; jitter changes colour balance.
   image = _image(SIZE, SIZE)

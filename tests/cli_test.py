@@ -80,6 +80,8 @@ def test_paper_recipe_updates_match_the_official_code(flagfile, monkeypatch):
   assert train.batch_size == 1024 and train.epochs == official["epochs"]
   assert train.optimizer.name == "sgd" and not train.optimizer.scale_by_batch
   assert train.optimizer.momentum == OFFICIAL_MOMENTUM
+  # The official code crops with torchvision's RandomResizedCrop.
+  assert train.data.crop_sampling == "torchvision"
   if train.method == "ce":
     ours_scale, official_scale = 1.0, 1.0
   else:
