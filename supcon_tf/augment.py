@@ -16,7 +16,11 @@ Policies:
     the same op set. It follows the shape of the ImageNet AutoAugment policy
     but is NOT that exact policy: Equalize and Invert are replaced by
     AutoContrast and full Solarize, and magnitudes use this module's scale.
-  * `identity` ("none"): resize only.
+  * `identity` ("none"): resize (or the evaluation centre crop) only.
+
+`eval_image` is the evaluation view (and that of the exported model's
+`serving_bytes`): the short side resized to size / 0.875 and the centre
+kept, or the whole image resized.
 
 Random resized crops draw their box as SimCLR's TF code (`simclr`) or as
 torchvision's `RandomResizedCrop` (`torchvision`); see `crop_box`.
@@ -55,6 +59,8 @@ _FILL_VALUE = 0.5  # Grey fill for pixels moved in from outside the image.
 def _to_float(image: tf.Tensor) -> tf.Tensor:
   """uint8 images to float32 in [0, 1]; float images are only cast."""
   image = tf.convert_to_tensor(image)
+  if image.dtype == tf.uint8:
+    return uint8_to_float(image)  # As evaluation, to the last bit.
   if image.dtype.is_integer:
     return tf.image.convert_image_dtype(image, tf.float32)
   return tf.cast(image, tf.float32)
@@ -551,15 +557,105 @@ def autoaugment(image: tf.Tensor, seed: tf.Tensor, *, size: int,
   return image
 
 
+# ----------------------------------------------------------------------------
+# Evaluation images (shared with `supcon_tf.export`, so that evaluation and
+# serving see the same pixels).
+
+EVAL_CROP_FRACTION = 0.875  # 224 of 256, the standard ImageNet protocol.
+
+
+def _check_eval_crop(crop: str) -> None:
+  if crop not in ("center", "resize"):
+    raise ValueError(f"eval crop must be 'center' or 'resize', got {crop!r} "
+                     "('auto' is settled by DataConfig.resolved_eval_crop).")
+
+
+def _eval_geometry(image: tf.Tensor, size: int, crop: str) -> tf.Tensor:
+  """Float `[h, w, 3]` -> float `[size, size, 3]` (values not rounded).
+
+  `center`: the short side is resized to round(size / EVAL_CROP_FRACTION)
+  and the long side by the same factor (truncated), bilinear with
+  antialiasing, then the centre `size x size` is kept (offsets rounded half
+  to even), as torchvision's `Resize(256)` + `CenterCrop(224)`. `resize`:
+  the whole image is resized to `size x size` (untouched when already so).
+  """
+  _check_eval_crop(crop)
+  if crop == "resize":
+    return _resize(image, size)
+  side = int(round(size / EVAL_CROP_FRACTION))
+  shape = tf.shape(image)
+  height, width = shape[0], shape[1]
+  short, long = tf.minimum(height, width), tf.maximum(height, width)
+  long = side * long // short
+  new_height = tf.where(height <= width, side, long)
+  new_width = tf.where(height <= width, long, side)
+  resized = tf.image.resize(image, tf.stack([new_height, new_width]),
+                            method="bilinear", antialias=True)
+
+  def offset(length):
+    return tf.cast(tf.round(tf.cast(length - size, tf.float32) / 2.0),
+                   tf.int32)
+
+  crop_box = tf.slice(resized, tf.stack([offset(new_height),
+                                         offset(new_width), 0]),
+                      [size, size, -1])
+  return tf.ensure_shape(crop_box, [size, size, 3])
+
+
+def eval_image(image: tf.Tensor, *, size: int, crop: str) -> tf.Tensor:
+  """The evaluation (and serving) view of one uint8 image.
+
+  Args:
+    image: `[height, width, 3]` uint8, any size.
+    size: output side.
+    crop: `center` (resize the short side to round(size / 0.875), keep the
+      centre) or `resize` (resize the whole image); see `_eval_geometry`.
+
+  Returns:
+    `[size, size, 3]` uint8: resized pixels are rounded to the nearest
+    integer, as an 8-bit image library would store them. An image already
+    `size x size` passes unchanged under `resize`.
+
+  Raises:
+    TypeError: `image` is not uint8.
+    ValueError: unknown `crop`.
+  """
+  image = tf.convert_to_tensor(image)
+  if image.dtype != tf.uint8:
+    raise TypeError(f"eval_image needs a uint8 image, got {image.dtype.name}.")
+  _check_eval_crop(crop)
+  if crop == "resize" and tuple(image.shape[:2]) == (size, size):
+    return image
+  # Resizing is linear, so it can work on the 0-255 values directly.
+  out = _eval_geometry(tf.cast(image, tf.float32), size, crop)
+  return tf.cast(tf.clip_by_value(tf.round(out), 0.0, 255.0), tf.uint8)
+
+
+def uint8_to_float(images: tf.Tensor) -> tf.Tensor:
+  """uint8 images of any shape -> float32 in [0, 1] (`x * (1 / 255)`).
+
+  Evaluation and the exported model both convert with this function, so
+  their float pixels agree bit for bit. A product, not `x / 255`: graph
+  optimisation may turn a division by a constant into this product in one
+  graph and not in another.
+  """
+  return tf.cast(images, tf.float32) * (1.0 / 255.0)
+
+
 def identity(image: tf.Tensor, seed: Optional[tf.Tensor] = None, *,
-             size: int) -> tf.Tensor:
-  """No augmentation: resizes to `[size, size, 3]` float32 in [0, 1]."""
+             size: int, crop: str = "resize") -> tf.Tensor:
+  """No augmentation: `[size, size, 3]` float32 in [0, 1].
+
+  `crop` is `resize` (resize the whole image) or `center` (the evaluation
+  centre crop of `eval_image`, without its rounding to 8 bits).
+  """
   del seed
-  return _resize(_to_float(image), size)
+  return _eval_geometry(_to_float(image), size, crop)
 
 
 def make_view_fn(policy: str, *, size: int, blur: bool = False,
-                 num_views: int = 2, crop_sampling: str = "simclr"
+                 num_views: int = 2, crop_sampling: str = "simclr",
+                 eval_crop: str = "resize"
                  ) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
   """Builds the per-example multi-view augmentation.
 
@@ -573,6 +669,8 @@ def make_view_fn(policy: str, *, size: int, blur: bool = False,
     crop_sampling: how random resized crops draw their box, one of
       `supcon_tf.config.CROP_SAMPLINGS` (`simclr`, `torchvision`; see
       `crop_box`).
+    eval_crop: how the `none` policy brings images to `size`: `resize` or
+      `center` (see `identity`).
 
   Returns:
     `fn(image, seed)` mapping `[height, width, 3]` uint8 or float32 in [0, 1]
@@ -591,7 +689,7 @@ def make_view_fn(policy: str, *, size: int, blur: bool = False,
       "simclr": functools.partial(simclr_augment, blur=blur, **crop),
       "randaugment": functools.partial(randaugment, **crop),
       "autoaugment": functools.partial(autoaugment, **crop),
-      "none": functools.partial(identity, size=size),
+      "none": functools.partial(identity, size=size, crop=eval_crop),
   }
   if policy not in config_lib.AUGMENTATIONS or policy not in policies:
     raise ValueError(f"Unknown augmentation policy {policy!r}; choose one of "

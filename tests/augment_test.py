@@ -163,6 +163,68 @@ def test_crop_sampling_reaches_every_policy(policy):
   assert np.abs(views["simclr"] - views["torchvision"]).max() > 1e-3
 
 
+def _uint8_image(height, width, seed=0):
+  rng = np.random.default_rng(seed)
+  return tf.constant(rng.integers(0, 256, (height, width, 3), np.uint8))
+
+
+def _rounded_resize(image, height, width):
+  out = tf.image.resize(tf.cast(image, tf.float32), [height, width],
+                        method="bilinear", antialias=True)
+  return np.clip(np.round(out.numpy()), 0, 255).astype(np.uint8)
+
+
+def test_eval_center_crop_is_resize_short_side_then_centre():
+  # size 14: short side to round(14 / 0.875) = 16, long side 40 * 16 // 30
+  # = 21; offsets round(3.5) = 4 (half to even, as Python) and 1.
+  image = _uint8_image(40, 30)
+  out = augment.eval_image(image, size=14, crop="center").numpy()
+  assert out.dtype == np.uint8
+  np.testing.assert_array_equal(out, _rounded_resize(image, 21, 16)[4:18,
+                                                                    1:15])
+  # ImageNet: 256 short side, 224 centre; a wide image is cut left and right.
+  wide = _uint8_image(300, 400, seed=1)
+  out = augment.eval_image(wide, size=224, crop="center").numpy()
+  np.testing.assert_array_equal(
+      out, _rounded_resize(wide, 256, 341)[16:240, 58:282])
+
+
+def test_eval_resize_keeps_images_of_the_right_size():
+  image = _uint8_image(SIZE, SIZE)
+  np.testing.assert_array_equal(
+      augment.eval_image(image, size=SIZE, crop="resize"), image)
+  other = _uint8_image(20, 16)
+  np.testing.assert_array_equal(
+      augment.eval_image(other, size=SIZE, crop="resize"),
+      _rounded_resize(other, SIZE, SIZE))
+
+
+def test_eval_image_rejects_float_and_unknown_crop():
+  with pytest.raises(TypeError, match="uint8"):
+    augment.eval_image(_image(), size=SIZE, crop="center")
+  with pytest.raises(ValueError, match="center.*resize"):
+    augment.eval_image(_uint8_image(8, 8), size=SIZE, crop="auto")
+
+
+def test_none_policy_uses_the_eval_crop():
+  image = _uint8_image(40, 30)
+  views = augment.make_view_fn("none", size=14, num_views=1,
+                               eval_crop="center")(image, tf.constant([0, 0]))
+  expected = augment.eval_image(image, size=14, crop="center")
+  # The same geometry; only the rounding to 8 bits differs.
+  np.testing.assert_allclose(views[0].numpy() * 255.0,
+                             expected.numpy().astype(np.float32), atol=0.5)
+
+
+@pytest.mark.parametrize("size,crop,resolved", [
+    (32, "auto", "resize"), (96, "auto", "resize"), (224, "auto", "center"),
+    (128, "auto", "center"), (32, "center", "center"),
+    (224, "resize", "resize")])
+def test_resolved_eval_crop(size, crop, resolved):
+  cfg = config.DataConfig(image_size=size, eval_crop=crop)
+  assert cfg.resolved_eval_crop == resolved
+
+
 def test_simclr_grayscale_and_jitter_rates():
   # Grayscale (p=0.2) shows as equal channels; jitter changes colour balance.
   image = _image(SIZE, SIZE)
