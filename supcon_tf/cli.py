@@ -44,6 +44,14 @@ flags.DEFINE_integer("num_views", 2, "Views per image.")
 flags.DEFINE_enum("augmentation", "simclr", config_lib.AUGMENTATIONS,
                   "View augmentation policy.")
 flags.DEFINE_bool("blur", False, "Gaussian blur in the SimCLR policy.")
+flags.DEFINE_enum("crop_sampling", "simclr", config_lib.CROP_SAMPLINGS,
+                  "Random-resized-crop box: simclr (SimCLR's TF code, crop "
+                  "height uniform) or torchvision (area uniform).")
+flags.DEFINE_enum("eval_crop", "auto", config_lib.EVAL_CROPS,
+                  "Evaluation/serving images: center (short side to "
+                  "size/0.875, centre crop), resize (whole image) or auto "
+                  f"(center from --image_size="
+                  f"{config_lib.CENTER_CROP_MIN_SIZE} up).")
 flags.DEFINE_bool("skip_corrupt", False, "In folder datasets, skip (and "
                   "count) undecodable image files instead of failing.")
 flags.DEFINE_float("validation_fraction", 0.1, "Share of the training split "
@@ -124,6 +132,7 @@ def data_config() -> config_lib.DataConfig:
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir,
       image_size=FLAGS.image_size, num_views=FLAGS.num_views,
       augmentation=FLAGS.augmentation, blur=FLAGS.blur,
+      crop_sampling=FLAGS.crop_sampling, eval_crop=FLAGS.eval_crop,
       validation_fraction=FLAGS.validation_fraction,
       skip_corrupt=FLAGS.skip_corrupt)
 
@@ -213,7 +222,8 @@ def _run_stages(mode, workdir, report, strategy, chief):
     path = export.export_classifier(
         classifier, rundir.export_dir(workdir),
         image_size=config.data.image_size, encoder=encoder,
-        class_names=info.class_names)
+        class_names=info.class_names,
+        eval_crop=config.data.resolved_eval_crop)
     report["export"] = path
   if mode in ("all", "train_ce", "evaluate"):
     report["evaluation"] = evaluation.evaluate_workdir(

@@ -15,6 +15,14 @@ CONTRAST_MODES = ("all", "one")
 SUMMATIONS = ("out", "in")
 DENOMINATORS = ("all", "one_positive", "only_negatives")
 AUGMENTATIONS = ("simclr", "randaugment", "autoaugment", "none")
+# Random-resized-crop box sampling: SimCLR's TF code or torchvision's.
+CROP_SAMPLINGS = ("simclr", "torchvision")
+# Evaluation images: "center" resizes the short side to image_size / 0.875
+# and crops the centre (the ImageNet protocol), "resize" resizes the whole
+# image to image_size (a no-op for CIFAR), "auto" picks "center" from
+# CENTER_CROP_MIN_SIZE up.
+EVAL_CROPS = ("auto", "center", "resize")
+CENTER_CROP_MIN_SIZE = 128
 OPTIMIZERS = ("sgd", "lars", "adamw", "lamb")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -63,6 +71,17 @@ class DataConfig:
     num_views: augmented views per image for contrastive methods.
     augmentation: view policy, one of AUGMENTATIONS.
     blur: apply Gaussian blur in the SimCLR policy (ImageNet recipe).
+    crop_sampling: how random resized crops draw their box: `simclr`
+      (TF's `sample_distorted_bounding_box`, as SimCLR's TF code; crop height
+      uniform: median area 0.46 of a square image at scale 0.2-1) or
+      `torchvision` (`RandomResizedCrop`, as the official PyTorch SupCon
+      code; area uniform: median 0.54 there).
+    eval_crop: how unaugmented images (evaluation, cached linear-evaluation
+      features, the exported `serving_bytes`) reach `image_size`: `center`
+      (short side to round(image_size / 0.875), centre crop; 256 -> 224 for
+      ImageNet), `resize` (whole image resized; CIFAR's stored 32x32 images
+      pass unchanged) or `auto` (`center` for image_size >=
+      CENTER_CROP_MIN_SIZE, else `resize`); see `resolved_eval_crop`.
     train_split / eval_split: TFDS split strings.
     validation_fraction: share of `train_split` held out for choices made in
       linear evaluation (the test split is reported once, at the end).
@@ -75,6 +94,8 @@ class DataConfig:
   num_views: int = 2
   augmentation: str = "simclr"
   blur: bool = False
+  crop_sampling: str = "simclr"
+  eval_crop: str = "auto"
   train_split: str = "train"
   eval_split: str = "test"
   validation_fraction: float = 0.1
@@ -86,9 +107,18 @@ class DataConfig:
     if self.num_views < 1:
       raise ValueError(f"num_views must be >= 1, got {self.num_views}.")
     _check_choice("augmentation", self.augmentation, AUGMENTATIONS)
+    _check_choice("crop_sampling", self.crop_sampling, CROP_SAMPLINGS)
+    _check_choice("eval_crop", self.eval_crop, EVAL_CROPS)
     if not 0.0 <= self.validation_fraction < 1.0:
       raise ValueError("validation_fraction must be in [0, 1), got "
                        f"{self.validation_fraction}.")
+
+  @property
+  def resolved_eval_crop(self) -> str:
+    """`eval_crop` with `auto` settled: `center` or `resize`."""
+    if self.eval_crop != "auto":
+      return self.eval_crop
+    return "center" if self.image_size >= CENTER_CROP_MIN_SIZE else "resize"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -398,7 +398,9 @@ def _augmented_dataset(config: config_lib.DataConfig, *,
   batch_size = _per_replica_batch_size(global_batch_size, input_context)
   source = _source(config)
   view_fn = augment_lib.make_view_fn(policy, size=config.image_size,
-                                 blur=config.blur, num_views=num_views)
+                                 blur=config.blur, num_views=num_views,
+                                 crop_sampling=config.crop_sampling,
+                                 eval_crop=config.resolved_eval_crop)
   pipeline_id = input_context.input_pipeline_id if input_context else 0
 
   ds = _shard(source.read("train"), input_context)
@@ -507,20 +509,23 @@ def eval_dataset(config: config_lib.DataConfig, split: str, *,
 
   Returns:
     A dataset of `(images [batch, size, size, 3]` float32 in [0, 1],
-    `labels [batch]` int32) that keeps the last, smaller batch; images are
-    resized to `config.image_size` when needed. None for "validation" when
-    `validation_fraction` is 0.
+    `labels [batch]` int32) that keeps the last, smaller batch. Images go
+    through `augment.eval_image` with `config.resolved_eval_crop`: the
+    short side resized to image_size / 0.875 and the centre kept (ImageNet
+    sizes), or the whole image resized (CIFAR's 32x32 pass unchanged); the
+    exported `serving_bytes` signature does the same. None for "validation"
+    when `validation_fraction` is 0.
   """
   _check_split(split)
   batch_size = _per_replica_batch_size(batch_size, input_context)
   source = _source(config)
   if split == "validation" and source.info.num_val == 0:
     return None
-  size = config.image_size
+  size, crop = config.image_size, config.resolved_eval_crop
 
   def prepare(raw, label):
-    image = augment_lib.identity(source.decode(raw), size=size)
-    return image, tf.cast(label, tf.int32)
+    image = augment_lib.eval_image(source.decode(raw), size=size, crop=crop)
+    return augment_lib.uint8_to_float(image), tf.cast(label, tf.int32)
 
   ds = _shard(source.read(split), input_context)
   ds = ds.map(prepare, num_parallel_calls=_AUTOTUNE, deterministic=True)

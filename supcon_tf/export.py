@@ -18,10 +18,16 @@ Signatures (inputs -> outputs):
 - `serving_bytes`: `image_bytes` string `[batch]`, each an encoded image of
   any size in a format `tf.io.decode_image` reads (JPEG, PNG, GIF's first
   frame, BMP, WebP) -> the outputs of `serving_default`.
-  Each image is decoded to RGB uint8, resized to `S x S` (bilinear with
-  antialiasing), rounded back to uint8 and then goes through exactly the
-  path of `serving_default`; a PNG of an `S x S` image therefore gives the
-  same outputs as its pixels sent as `images`.
+  Each image is decoded to RGB uint8 and brought to `S x S` by
+  `supcon_tf.augment.eval_image`, the function evaluation uses, with the
+  export's `eval_crop`: `center` resizes the short side to
+  round(S / 0.875) and keeps the centre (ImageNet: 256, then 224), `resize`
+  resizes the whole image (bilinear with antialiasing); the result is
+  rounded to uint8 and goes through exactly the path of `serving_default`.
+  Evaluation and `serving_bytes` therefore feed the model the same pixels,
+  and under `resize` a PNG of an `S x S` image gives the same outputs as its
+  pixels sent as `images`. `serving_default` takes images already prepared
+  (e.g. by the same centre crop).
 - `embed` (only when an encoder was given): `images` uint8
   `[batch, S, S, 3]` -> `embedding` float32 `[batch, dim]`, the encoder's
   representation divided by its L2 norm (an all-zero representation stays
@@ -59,7 +65,8 @@ saved_model_cli run --dir export_base/1 --tag_set serve \
     --signature_def serving_default --inputs images=x.npy
 ```
 
-This module deliberately imports no training code.
+This module deliberately imports no training code (only the image
+preparation of `supcon_tf.augment`).
 """
 
 import os
@@ -68,6 +75,8 @@ import shutil
 
 import keras
 import tensorflow as tf
+
+from supcon_tf import augment as augment_lib
 
 SIGNATURES = ("serving_default", "serving_bytes", "embed")
 TMP_PREFIX = ".tmp-"
@@ -80,7 +89,8 @@ def export_classifier(classifier: keras.Model,
                       image_size: int,
                       encoder: keras.Model | None = None,
                       class_names=None,
-                      version: int | None = None) -> str:
+                      version: int | None = None,
+                      eval_crop: str = "resize") -> str:
   """Writes `classifier` as a new version of a servable SavedModel.
 
   Args:
@@ -98,6 +108,9 @@ def export_classifier(classifier: keras.Model,
       `class_names` output.
     version: positive integer version; defaults to one more than the largest
       existing version (1 for an empty `export_base`).
+    eval_crop: how `serving_bytes` brings decoded images to `image_size`,
+      `center` or `resize` (`supcon_tf.augment.eval_image`); pass the
+      `DataConfig.resolved_eval_crop` the model was evaluated with.
 
   Returns:
     The path of the written version directory, `export_base/<version>`.
@@ -106,9 +119,13 @@ def export_classifier(classifier: keras.Model,
     ValueError: for a non-positive `image_size`, an image size the models
       were not built for, a model that does not output rank-2 tensors,
       class names whose count differs from the number of logits, a
-      non-positive `version`, or a `version` that already exists (existing
-      versions are never overwritten).
+      non-positive `version`, a `version` that already exists (existing
+      versions are never overwritten), or an `eval_crop` other than
+      `center` / `resize`.
   """
+  if eval_crop not in ("center", "resize"):
+    raise ValueError(f"eval_crop must be 'center' or 'resize', got "
+                     f"{eval_crop!r}.")
   if isinstance(image_size, bool) or not isinstance(image_size, int) or (
       image_size <= 0):
     raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
@@ -137,7 +154,7 @@ def export_classifier(classifier: keras.Model,
   # Left by an earlier crashed export of this process id.
   shutil.rmtree(tmp, ignore_errors=True)
   module = _ServingModule(classifier, num_classes, image_size, encoder,
-                          embedding_dim, names)
+                          embedding_dim, names, eval_crop)
   try:
     _write_saved_model(module, tmp, module.signatures())
     if os.path.exists(final):
@@ -229,7 +246,7 @@ def _check_class_names(class_names, num_classes):
 
 def _to_float(images):
   """The one image conversion of the model: uint8 -> float32 in [0, 1]."""
-  return tf.cast(images, tf.float32) / 255.0
+  return augment_lib.uint8_to_float(images)
 
 
 def _apply(model, images, width):
@@ -253,7 +270,7 @@ class _ServingModule(tf.Module):
   """
 
   def __init__(self, classifier, num_classes, image_size, encoder,
-               embedding_dim, class_names):
+               embedding_dim, class_names, eval_crop):
     super().__init__(name="serving")
     size = image_size
     image_spec = tf.TensorSpec([None, size, size, 3], tf.uint8, name="images")
@@ -279,9 +296,8 @@ class _ServingModule(tf.Module):
     def decode(data):
       image = tf.io.decode_image(data, channels=3, dtype=tf.uint8,
                                  expand_animations=False)
-      image = tf.image.resize(image, [size, size], method="bilinear",
-                              antialias=True)
-      return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+      image = tf.ensure_shape(image, [None, None, 3])
+      return augment_lib.eval_image(image, size=size, crop=eval_crop)
 
     def classify_bytes(image_bytes):
       image_bytes = tf.ensure_shape(image_bytes, [None])

@@ -84,6 +84,147 @@ def test_full_area_crop_keeps_image():
   np.testing.assert_allclose(crop.numpy(), image.numpy(), atol=1e-6)
 
 
+def _boxes(sampling, shape, num=2000, **kwargs):
+  """`[num, 4]` (top, left, height, width) of `crop_box` for seeds 0..num-1."""
+
+  @tf.function
+  def boxes(seeds):
+    def one(seed):
+      begin, size = augment.crop_box(tf.constant(shape), seed,
+                                     sampling=sampling, **kwargs)
+      return tf.concat([begin[:2], size[:2]], 0)
+    return tf.map_fn(one, seeds, fn_output_signature=tf.int32)
+
+  return boxes(tf.stack([tf.range(num), tf.fill([num], 7)], axis=1)).numpy()
+
+
+def _torchvision_reference_areas(num, side, scale=(0.2, 1.0),
+                                 ratio=(3 / 4, 4 / 3)):
+  """Crop areas of torchvision's RandomResizedCrop.get_params, in NumPy."""
+  rng = np.random.default_rng(0)
+  areas = []
+  for _ in range(num):
+    for _ in range(10):
+      target = side * side * rng.uniform(*scale)
+      aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+      w = round(np.sqrt(target * aspect))
+      h = round(np.sqrt(target / aspect))
+      if 0 < w <= side and 0 < h <= side:
+        areas.append(w * h / side**2)
+        break
+    else:
+      areas.append(1.0)  # Centre crop of a square image: all of it.
+  return np.array(areas)
+
+
+def test_crop_area_distribution_of_each_sampling():
+  side = 256
+  areas = {}
+  for sampling in config.CROP_SAMPLINGS:
+    boxes = _boxes(sampling, [side, side, 3])
+    assert np.all(boxes[:, :2] >= 0)
+    assert np.all(boxes[:, 0] + boxes[:, 2] <= side)
+    assert np.all(boxes[:, 1] + boxes[:, 3] <= side)
+    aspect = boxes[:, 3] / boxes[:, 2]
+    assert aspect.min() > 0.73 and aspect.max() < 1.37  # 3/4-4/3, rounded.
+    areas[sampling] = boxes[:, 2] * boxes[:, 3] / side**2
+    assert areas[sampling].min() > 0.19 and areas[sampling].max() <= 1.0
+  reference = np.median(_torchvision_reference_areas(20_000, side))
+  assert abs(reference - 0.54) < 0.01
+  assert abs(np.median(areas["torchvision"]) - reference) < 0.02
+  # Uniform heights lean small: SimCLR's TF sampling has the smaller median.
+  assert abs(np.median(areas["simclr"]) - 0.46) < 0.02
+  # Area uniform in [0.2, 1] up to boxes that do not fit: the lower quartile
+  # of torchvision's areas is near 0.2 + 0.25 * 0.8 = 0.4.
+  assert abs(np.quantile(areas["torchvision"], 0.25) - 0.4) < 0.03
+
+
+def test_torchvision_sampling_falls_back_to_centre_crop():
+  # No box of 90-100 % of a 10 x 200 image has an aspect ratio in 3/4-4/3.
+  boxes = _boxes("torchvision", [10, 200, 3], num=5, crop_scale=(0.9, 1.0))
+  # Whole height, width clamped to 4/3 of it, centred.
+  np.testing.assert_array_equal(boxes, [[0, 93, 10, 13]] * 5)
+  boxes = _boxes("torchvision", [200, 10, 3], num=5, crop_scale=(0.9, 1.0))
+  np.testing.assert_array_equal(boxes, [[93, 0, 13, 10]] * 5)
+
+
+def test_unknown_crop_sampling_lists_choices():
+  with pytest.raises(ValueError, match="simclr.*torchvision"):
+    augment.make_view_fn("simclr", size=SIZE, crop_sampling="inception")
+
+
+@pytest.mark.parametrize("policy", ["simclr", "randaugment", "autoaugment"])
+def test_crop_sampling_reaches_every_policy(policy):
+  image = _image(40, 40)
+  seed = tf.constant([3, 4], tf.int64)
+  views = {s: augment.make_view_fn(policy, size=SIZE, num_views=1,
+                                   crop_sampling=s)(image, seed).numpy()
+           for s in config.CROP_SAMPLINGS}
+  assert np.abs(views["simclr"] - views["torchvision"]).max() > 1e-3
+
+
+def _uint8_image(height, width, seed=0):
+  rng = np.random.default_rng(seed)
+  return tf.constant(rng.integers(0, 256, (height, width, 3), np.uint8))
+
+
+def _rounded_resize(image, height, width):
+  out = tf.image.resize(tf.cast(image, tf.float32), [height, width],
+                        method="bilinear", antialias=True)
+  return np.clip(np.round(out.numpy()), 0, 255).astype(np.uint8)
+
+
+def test_eval_center_crop_is_resize_short_side_then_centre():
+  # size 14: short side to round(14 / 0.875) = 16, long side 40 * 16 // 30
+  # = 21; offsets round(3.5) = 4 (half to even, as Python) and 1.
+  image = _uint8_image(40, 30)
+  out = augment.eval_image(image, size=14, crop="center").numpy()
+  assert out.dtype == np.uint8
+  np.testing.assert_array_equal(out, _rounded_resize(image, 21, 16)[4:18,
+                                                                    1:15])
+  # ImageNet: 256 short side, 224 centre; a wide image is cut left and right.
+  wide = _uint8_image(300, 400, seed=1)
+  out = augment.eval_image(wide, size=224, crop="center").numpy()
+  np.testing.assert_array_equal(
+      out, _rounded_resize(wide, 256, 341)[16:240, 58:282])
+
+
+def test_eval_resize_keeps_images_of_the_right_size():
+  image = _uint8_image(SIZE, SIZE)
+  np.testing.assert_array_equal(
+      augment.eval_image(image, size=SIZE, crop="resize"), image)
+  other = _uint8_image(20, 16)
+  np.testing.assert_array_equal(
+      augment.eval_image(other, size=SIZE, crop="resize"),
+      _rounded_resize(other, SIZE, SIZE))
+
+
+def test_eval_image_rejects_float_and_unknown_crop():
+  with pytest.raises(TypeError, match="uint8"):
+    augment.eval_image(_image(), size=SIZE, crop="center")
+  with pytest.raises(ValueError, match="center.*resize"):
+    augment.eval_image(_uint8_image(8, 8), size=SIZE, crop="auto")
+
+
+def test_none_policy_uses_the_eval_crop():
+  image = _uint8_image(40, 30)
+  views = augment.make_view_fn("none", size=14, num_views=1,
+                               eval_crop="center")(image, tf.constant([0, 0]))
+  expected = augment.eval_image(image, size=14, crop="center")
+  # The same geometry; only the rounding to 8 bits differs.
+  np.testing.assert_allclose(views[0].numpy() * 255.0,
+                             expected.numpy().astype(np.float32), atol=0.5)
+
+
+@pytest.mark.parametrize("size,crop,resolved", [
+    (32, "auto", "resize"), (96, "auto", "resize"), (224, "auto", "center"),
+    (128, "auto", "center"), (32, "center", "center"),
+    (224, "resize", "resize")])
+def test_resolved_eval_crop(size, crop, resolved):
+  cfg = config.DataConfig(image_size=size, eval_crop=crop)
+  assert cfg.resolved_eval_crop == resolved
+
+
 def test_simclr_grayscale_and_jitter_rates():
   # Grayscale (p=0.2) shows as equal channels; jitter changes colour balance.
   image = _image(SIZE, SIZE)
@@ -134,12 +275,125 @@ def test_randaugment_rejects_bad_magnitude():
                         magnitude=11)
 
 
-def test_autoaugment_policy_uses_known_ops():
-  for sub_policy in augment.AUTOAUGMENT_POLICY:
-    assert len(sub_policy) == 2
-    for op, prob, magnitude in sub_policy:
-      assert op in augment.OP_NAMES
-      assert 0.0 <= prob <= 1.0 and 0 <= magnitude <= 10
+AUTOAUGMENT_OPS = ("posterize", "solarize", "autocontrast", "equalize",
+                   "invert", "rotate", "shear_x", "color", "contrast",
+                   "sharpness")
+
+
+def test_autoaugment_policy_is_the_imagenet_policy():
+  policy = augment.AUTOAUGMENT_POLICY
+  assert len(policy) == 25 and all(len(sub) == 2 for sub in policy)
+  assert policy[0] == (("posterize", 0.4, 8), ("rotate", 0.6, 9))
+  assert policy[12] == (("equalize", 0.0, None), ("equalize", 0.8, None))
+  assert policy[24] == (("equalize", 0.8, None), ("equalize", 0.6, None))
+  ops = [op for sub in policy for op, _, _ in sub]
+  assert set(ops) == set(AUTOAUGMENT_OPS)
+  # Equalize is the policy's most frequent op (the old stand-in had none).
+  assert ops.count("equalize") == 17 and ops.count("invert") == 3
+  for sub in policy:
+    for op, prob, magnitude_bin in sub:
+      assert 0.0 <= prob <= 1.0
+      no_magnitude = op in ("autocontrast", "equalize", "invert")
+      assert (magnitude_bin is None) == no_magnitude
+      if not no_magnitude:
+        assert 0 <= magnitude_bin <= 9
+
+
+def test_autoaugment_magnitudes_are_torchvisions_bins():
+  magnitude = augment.autoaugment_magnitude
+  # torchvision: 8 - (arange(10) / (9 / 4)).round().
+  assert [magnitude("posterize", b) for b in range(10)] == [
+      8, 8, 7, 7, 6, 6, 5, 5, 4, 4]
+  assert magnitude("solarize", 0) == 255 and magnitude("solarize", 9) == 0
+  assert magnitude("rotate", 9) == pytest.approx(30)
+  assert magnitude("rotate", 3) == pytest.approx(10)
+  assert magnitude("shear_x", 9) == pytest.approx(0.3)
+  assert magnitude("color", 9) == pytest.approx(0.9)
+  assert magnitude("equalize", None) == 0
+
+
+def _equalize_reference(levels):
+  """PIL's ImageOps.equalize on one uint8 channel, in NumPy."""
+  hist = np.bincount(levels.ravel(), minlength=256)
+  nonzero = hist[hist > 0]
+  step = (nonzero.sum() - nonzero[-1]) // 255
+  if step == 0:
+    return levels
+  lut = (np.cumsum(hist) + step // 2) // step
+  lut = np.clip(np.concatenate([[0], lut[:-1]]), 0, 255)
+  return lut[levels].astype(np.uint8)
+
+
+def test_equalize_matches_pil_algorithm():
+  rng = np.random.default_rng(0)
+  # Dark, skewed histogram in two channels, one flat channel.
+  levels = np.stack([
+      (rng.beta(2, 8, (20, 18)) * 255).astype(np.uint8),
+      rng.integers(40, 90, (20, 18)).astype(np.uint8),
+      np.full((20, 18), 77, np.uint8)], axis=-1)
+  image = tf.constant(levels, tf.float32) / 255.0
+  out = augment._equalize(image).numpy()
+  expected = np.stack([_equalize_reference(levels[..., c])
+                       for c in range(3)], axis=-1)
+  np.testing.assert_array_equal(np.round(out * 255).astype(np.uint8),
+                                expected)
+  np.testing.assert_array_equal(out[..., 2], image.numpy()[..., 2])
+
+
+def test_autoaugment_pixel_ops():
+  levels = np.array([[[0, 127, 128], [200, 255, 115]],
+                     [[1, 15, 16], [17, 31, 32]]], np.uint8)
+  image = tf.constant(levels, tf.float32) / 255.0
+  one = tf.constant(1.0)
+
+  def op(name, value):
+    return np.round(augment._aa_op(image, name, value, one).numpy() * 255)
+
+  np.testing.assert_array_equal(op("invert", 0.0), 255 - levels)
+  np.testing.assert_array_equal(
+      op("solarize", 128.0), np.where(levels >= 128, 255 - levels, levels))
+  np.testing.assert_array_equal(op("posterize", 4.0), levels // 16 * 16)
+  np.testing.assert_array_equal(op("posterize", 8.0), levels)
+
+
+def test_autoaugment_geometry_and_sharpness():
+  image = _image(SIZE, SIZE)
+  one = tf.constant(1.0)
+  # Shear about the top-left corner: the top row stays.
+  sheared = augment._aa_op(image, "shear_x", 0.3, one).numpy()
+  np.testing.assert_array_equal(sheared[0], image.numpy()[0])
+  assert np.abs(sheared - image.numpy()).max() > 0.1
+  # Nearest neighbour, black fill: no new values besides 0.
+  rotated = augment._aa_op(image, "rotate", 30.0, one).numpy()
+  assert set(np.unique(rotated)) <= set(np.unique(image.numpy())) | {0.0}
+  assert (rotated == 0).all(axis=-1).any()
+  np.testing.assert_array_equal(
+      augment._aa_op(image, "rotate", 0.0, one).numpy(), image.numpy())
+  # torchvision's sharpness leaves the 1-pixel border alone.
+  sharp = augment._aa_op(image, "sharpness", 0.9, one).numpy()
+  np.testing.assert_allclose(sharp[0], image.numpy()[0], atol=1e-6)
+  np.testing.assert_allclose(sharp[:, -1], image.numpy()[:, -1], atol=1e-6)
+  assert np.abs(sharp[1:-1, 1:-1] - image.numpy()[1:-1, 1:-1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("index", range(25))
+def test_every_sub_policy_applies_by_its_probabilities(index):
+  # Equalize needs > 255 pixels per channel to act (PIL's rule).
+  image = _image(24, 24)
+  ops = augment.AUTOAUGMENT_POLICY[index]
+  signs = tf.constant([1.0, -1.0])
+  # Draws at 0: every op with a probability above 0 runs.
+  applied = augment._apply_sub_policy(image, index, tf.constant([0.0, 0.0]),
+                                      signs).numpy()
+  assert applied.min() >= 0.0 and applied.max() <= 1.0
+  acting = [op for op, prob, bin_ in ops if prob > 0 and not (
+      op == "color" and bin_ == 0)]  # Colour at bin 0 is factor 1.
+  assert (np.abs(applied - image.numpy()).max() > 1e-3) == bool(acting)
+  # Draws just below 1: only ops of probability 1 run.
+  kept = augment._apply_sub_policy(image, index,
+                                   tf.constant([0.999, 0.999]), signs).numpy()
+  if all(prob < 1.0 for _, prob, _ in ops):
+    np.testing.assert_array_equal(kept, image.numpy())
 
 
 def test_blur_smooths():

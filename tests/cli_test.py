@@ -47,20 +47,65 @@ def test_defaults_are_the_measured_budget_configuration(monkeypatch):
   assert resolve(None, monkeypatch) == budget
 
 
-def test_paper_recipe_updates_match_the_official_code(monkeypatch):
-  """SGD on tau * L at lr 7.14 == SGD on (tau / 0.07) * L at lr 0.5."""
-  train, _, _ = resolve(EXPERIMENTS / "cifar10_supcon_resnet50.cfg",
-                        monkeypatch)
-  assert train.batch_size == 1024 and train.epochs == 1000
-  assert train.loss.temperature == 0.1 and train.loss.scale_by_temperature
-  assert not train.optimizer.scale_by_batch
-  official_lr, official_decay, momentum = 0.5, 1e-4, 0.9
-  gradient_step = train.optimizer.learning_rate * train.loss.temperature
+# The official PyTorch SupContrast commands (README; main_supcon.py and
+# main_ce.py defaults otherwise): SGD, momentum 0.9, weight decay 1e-4 coupled
+# into the gradient, batch 1024. Its SupCon / SimCLR loss is times
+# tau / 0.07; its cross-entropy is unscaled.
+OFFICIAL = {
+    "supcon": dict(learning_rate=0.5, temperature=0.1, epochs=1000),
+    "simclr": dict(learning_rate=0.5, temperature=0.5, epochs=1000),
+    "ce": dict(learning_rate=0.8, temperature=None, epochs=500),
+}
+OFFICIAL_DECAY, OFFICIAL_MOMENTUM = 1e-4, 0.9
+CIFAR_RESNET50 = sorted(EXPERIMENTS.glob("cifar*_resnet50.cfg"))
+
+
+def test_every_resnet50_recipe_is_checked():
+  assert len(CIFAR_RESNET50) == 6
+  assert {p.name for p in EXPERIMENTS.glob("*_resnet50.cfg")} == (
+      {p.name for p in CIFAR_RESNET50} | {"imagenet_supcon_resnet50.cfg"})
+
+
+@pytest.mark.parametrize("flagfile", CIFAR_RESNET50, ids=lambda p: p.stem)
+def test_paper_recipe_updates_match_the_official_code(flagfile, monkeypatch):
+  """Same gradient and decay steps as the official PyTorch code.
+
+  SupCon / SimCLR: SGD on tau * L at lr 7.14 == SGD on (tau / 0.07) * L at
+  lr 0.5. Decay: PyTorch's coupled decay wd at lr eta under momentum mu
+  shrinks weights like Keras's decoupled decay with lr * wd = eta * wd /
+  (1 - mu).
+  """
+  train, _, _ = resolve(flagfile, monkeypatch)
+  official = OFFICIAL[train.method]
+  assert train.batch_size == 1024 and train.epochs == official["epochs"]
+  assert train.optimizer.name == "sgd" and not train.optimizer.scale_by_batch
+  assert train.optimizer.momentum == OFFICIAL_MOMENTUM
+  # The official code crops with torchvision's RandomResizedCrop.
+  assert train.data.crop_sampling == "torchvision"
+  if train.method == "ce":
+    ours_scale, official_scale = 1.0, 1.0
+  else:
+    assert train.loss.temperature == official["temperature"]
+    assert train.loss.scale_by_temperature
+    ours_scale = train.loss.temperature
+    official_scale = official["temperature"] / 0.07
+  gradient_step = train.optimizer.learning_rate * ours_scale
   assert gradient_step == pytest.approx(
-      official_lr * train.loss.temperature / 0.07, rel=1e-3)
+      official["learning_rate"] * official_scale, rel=1e-3)
   decay_step = train.optimizer.learning_rate * train.optimizer.weight_decay
   assert decay_step == pytest.approx(
-      official_lr * official_decay / (1 - momentum), rel=1e-2)
+      official["learning_rate"] * OFFICIAL_DECAY / (1 - OFFICIAL_MOMENTUM),
+      rel=2e-2)
+
+
+def test_imagenet_recipe_is_the_simclr_lars_rule(monkeypatch):
+  """LARS at 0.3 x batch / 256 with decay 1e-6 inside LARS (no conversion)."""
+  train, _, _ = resolve(EXPERIMENTS / "imagenet_supcon_resnet50.cfg",
+                        monkeypatch)
+  assert train.optimizer.name == "lars" and train.optimizer.scale_by_batch
+  assert train.optimizer.learning_rate == 0.3
+  assert train.optimizer.weight_decay == 1e-6
+  assert train.data.image_size == 224 and train.model.stem == "imagenet"
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from supcon_tf import config
+from supcon_tf import data
 from supcon_tf import export
 from supcon_tf import models
 
@@ -229,10 +231,43 @@ def test_export_imports_no_training_code():
     elif isinstance(node, ast.ImportFrom):
       imported.add(node.module or "")
       imported.update(f"{node.module}.{alias.name}" for alias in node.names)
+  # Only the image preparation it shares with evaluation.
+  allowed = {"supcon_tf", "supcon_tf.augment"}
   bad = {name for name in imported
-         if name.startswith("supcon_tf") or
+         if (name.startswith("supcon_tf") and name not in allowed) or
          name.split(".")[-1] in TRAINING_MODULES}
   assert not bad
+
+
+@pytest.mark.parametrize("crop", ["center", "resize"])
+def test_serving_bytes_sees_the_pixels_of_evaluation(tmp_path, crop):
+  """`serving_bytes` and `data.eval_dataset` feed the model equal floats."""
+  rng = np.random.default_rng(3)
+  shapes = [(40, 30), (30, 50), (SIZE, SIZE), (17, 23), (64, 64)]
+  files = []
+  for split in ("train", "test"):
+    for i, (height, width) in enumerate(shapes):
+      path = tmp_path / "images" / split / "only" / f"{i}.png"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      path.write_bytes(tf.io.encode_png(
+          _smooth_images(rng, 1, height, width)[0]).numpy())
+      if split == "test":
+        files.append(path)
+  cfg = config.DataConfig(dataset=f"folder:{tmp_path / 'images'}",
+                          image_size=SIZE, eval_crop=crop,
+                          validation_fraction=0.0)
+  assert cfg.resolved_eval_crop == crop
+  images, _ = next(iter(data.eval_dataset(cfg, "test", batch_size=10)))
+  assert images.shape == (len(shapes), SIZE, SIZE, 3)
+  # Logits = the model's input pixels.
+  pixels = keras.Sequential([keras.Input((SIZE, SIZE, 3)),
+                             keras.layers.Flatten()])
+  path = export.export_classifier(pixels, str(tmp_path / "base"),
+                                  image_size=SIZE, eval_crop=crop)
+  served = tf.saved_model.load(path).signatures["serving_bytes"](
+      image_bytes=tf.constant([f.read_bytes() for f in files]))["logits"]
+  np.testing.assert_array_equal(
+      served.numpy(), images.numpy().reshape(len(shapes), -1))
 
 
 def test_version_layout(exported):
@@ -451,6 +486,7 @@ def test_existing_version_is_never_overwritten(tmp_path):
     (dict(image_size=32), "built for 16x16"),
     (dict(class_names=["a", "b"]), "2 class_names"),
     (dict(class_names="abc"), "single string"),
+    (dict(eval_crop="auto"), "eval_crop"),
 ])
 def test_invalid_arguments_raise_before_writing(tmp_path, kwargs, message):
   base = tmp_path / "base"
