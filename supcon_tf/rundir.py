@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Iterable, Union
+from typing import Any, Dict, Iterable, Optional, Union
 
 import tensorflow as tf
 
@@ -93,13 +93,17 @@ def flatten(values: dict, prefix: str = "") -> dict:
 
 
 def changed_settings(path: str, settings: Dict[str, Any],
-                     ignore: Iterable[str] = ()) -> Dict[str, tuple]:
+                     ignore: Iterable[str] = (),
+                     defaults: Optional[Dict[str, Any]] = None
+                     ) -> Dict[str, tuple]:
   """Compares `settings` with those stored at `path`: the one "same run?" check.
 
   Args:
     path: a JSON file of stored settings.
     settings: the current settings; nested dicts compare by dotted field.
     ignore: dotted fields allowed to differ.
+    defaults: values of fields the stored file lacks (a run written before
+      the field existed ran with its default); nested like `settings`.
 
   Returns:
     `{field: (stored, current)}` of each differing field, sorted by field;
@@ -110,6 +114,8 @@ def changed_settings(path: str, settings: Dict[str, Any],
   current = flatten(json.loads(json.dumps(settings)))  # As stored.
   with tf.io.gfile.GFile(path) as f:
     stored = flatten(json.load(f))
+  if defaults:
+    stored = {**flatten(json.loads(json.dumps(defaults))), **stored}
   ignore = set(ignore)
   return {k: (stored.get(k), current.get(k))
           for k in sorted(set(stored) | set(current))
@@ -135,7 +141,8 @@ def check_resumable(workdir: str, config: config_lib.TrainConfig,
   path = os.path.join(workdir, name)
   if tf.io.gfile.exists(path):
     changed = changed_settings(path, json.loads(config_lib.to_json(config)),
-                               ignore=RESUMABLE_CHANGES)
+                               ignore=RESUMABLE_CHANGES,
+                               defaults=config_lib.to_dict(type(config)()))
     if changed:
       details = "; ".join(f"{k}: {old!r} -> {new!r}"
                           for k, (old, new) in changed.items())

@@ -53,3 +53,18 @@ def test_linear_backup_check_run_names_top_level_field(tmp_path):
   linear_backup.check_run(root, {"config": {"lr": 1}, "n": 3})
   with pytest.raises(rundir.TrainingError, match=r"\(config differ\)"):
     linear_backup.check_run(root, {"config": {"lr": 2}, "n": 3})
+
+
+def test_resume_of_a_run_stored_before_a_field_existed(tmp_path):
+  # A config.json without a newer field resumes when the field is at its
+  # default, and is refused when the field is set to something else.
+  config = config_lib.TrainConfig(steps=10)
+  stored = config_lib.to_dict(config)
+  del stored["data"]["crop_sampling"]
+  (tmp_path / rundir.CONFIG_FILE).write_text(json.dumps(stored))
+  rundir.check_resumable(str(tmp_path), config)
+  other = config_lib.TrainConfig(
+      steps=10, data=config_lib.DataConfig(crop_sampling="torchvision"))
+  with pytest.raises(rundir.TrainingError,
+                     match="data.crop_sampling: 'simclr' -> 'torchvision'"):
+    rundir.check_resumable(str(tmp_path), other)
