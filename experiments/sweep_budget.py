@@ -43,28 +43,12 @@ def base_config(steps: int, data_dir=None) -> config_lib.TrainConfig:
           learning_rate=0.5, weight_decay=1e-4, warmup_epochs=0.0))
 
 
-def _parse_value(text: str):
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError:
-    return text
-
-
 def apply_overrides(config, overrides: str):
   """`"a.b=1,c=x"` -> `config` with those dotted fields replaced."""
-  values = config_lib.to_dict(config)
-  for item in filter(None, overrides.split(",")):
-    path, sep, text = item.partition("=")
-    if not sep:
-      raise SystemExit(f"--variant item {item!r} is not field=value.")
-    *parents, leaf = path.split(".")
-    node = values
-    for key in parents:
-      node = node[key]
-    if leaf not in node:
-      raise SystemExit(f"--variant names no config field {path!r}.")
-    node[leaf] = _parse_value(text)
-  return config_lib.from_dict(type(config), values)
+  try:
+    return config_lib.override(config, filter(None, overrides.split(",")))
+  except ValueError as e:
+    raise SystemExit(f"--variant: {e}") from None
 
 
 def image_passes(config: config_lib.TrainConfig) -> int:

@@ -1,5 +1,7 @@
 """Tests of the cross-replica helpers under 2- and 4-replica strategies."""
 
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -50,3 +52,7 @@ def test_make_strategy_errors(monkeypatch):
   monkeypatch.delenv("TF_CONFIG", raising=False)
   with pytest.raises(ValueError, match="TF_CONFIG"):
     distributed.make_strategy("multi_worker")
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__, "-q"]))

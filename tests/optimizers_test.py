@@ -418,8 +418,6 @@ def test_lars_mirrored_matches_single_device():
     assert not np.allclose(reference, initial)
 
 
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__, "-q"]))
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw", "lamb"])
@@ -470,3 +468,7 @@ def test_build_optimizer_keeps_decay_off_norms_of_any_name(name):
   assert changed == {"proj/kernel": True, "proj/bias": False,
                      "ln/gamma": False, "ln/beta": False,
                      "norm/gamma": False, "norm/beta": False}
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__, "-q"]))

@@ -777,8 +777,6 @@ def test_export_under_load_from_threads(tmp_path):
   assert growth < RSS_GROWTH_LIMIT_MB, f"RSS grew {growth:.0f} MB"
 
 
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__, "-q"]))
 
 
 @pytest.mark.slow
@@ -816,3 +814,7 @@ def test_command_line_multi_worker_mode_all_reaches_an_export(tmp_path):
   assert 0.0 <= report["linear_eval"]["test_top1"] <= 1.0
   assert report["export"] == str(workdir / "export" / "1")
   assert (workdir / "export" / "1" / "saved_model.pb").exists()
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__, "-q"]))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import pytest
 
@@ -68,3 +69,7 @@ def test_resume_of_a_run_stored_before_a_field_existed(tmp_path):
   with pytest.raises(rundir.TrainingError,
                      match="data.crop_sampling: 'simclr' -> 'torchvision'"):
     rundir.check_resumable(str(tmp_path), other)
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__, "-q"]))
