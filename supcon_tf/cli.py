@@ -17,6 +17,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 
 from absl import app
@@ -140,8 +141,52 @@ def linear_config() -> config_lib.LinearEvalConfig:
       augment=FLAGS.linear_augment, seed=FLAGS.seed)
 
 
+# What TensorFlow's C++ runtime prints at start-up on a machine without a
+# GPU (absl's pre-init notice, the CUDA driver probes): noise for the user.
+_STARTUP_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called"
+    r"|cudart_stub\.cc:\d+\] Could not find cuda drivers"
+    r"|cuda_platform\.cc:\d+\] failed call to cuInit")
+
+
+def _import_tensorflow():
+  """Imports TensorFlow and finds its devices, without the start-up noise.
+
+  Unless the user set TF_CPP_MIN_LOG_LEVEL (then TensorFlow prints what it
+  prints), INFO lines are switched off (level 1: warnings and errors stay)
+  and the lines of `_STARTUP_NOISE` are dropped from what TensorFlow
+  writes to stderr meanwhile; every other line is passed on.
+
+  Returns:
+    The `tensorflow` module.
+  """
+  # pylint: disable=g-import-not-at-top
+  if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+    import tensorflow as tf
+    tf.config.list_physical_devices()  # Where the CUDA probe happens.
+    return tf
+  os.environ["TF_CPP_MIN_LOG_LEVEL"] = "1"
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)  # C++ writes to fd 2, not sys.stderr.
+    try:
+      import tensorflow as tf
+      tf.config.list_physical_devices()
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      lines = captured.read().decode(errors="replace").splitlines(True)
+      sys.stderr.write("".join(
+          line for line in lines if not _STARTUP_NOISE.search(line)))
+      sys.stderr.flush()
+  return tf
+
+
 def _split_cpu(devices: int) -> None:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = _import_tensorflow()
   if devices > 1:
     tf.config.set_logical_device_configuration(
         tf.config.list_physical_devices("CPU")[0],
@@ -225,7 +270,6 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required, e.g. --workdir=runs/first")
-  _split_cpu(FLAGS.cpu_devices)
   workdir = os.path.abspath(FLAGS.workdir)
   try:
     config = train_config()  # Validates every training flag up front.
@@ -233,6 +277,8 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
   except (ValueError, OSError) as e:
     _fail(e)
+  # Only now TensorFlow (seconds to import): flag errors come at once.
+  _split_cpu(FLAGS.cpu_devices)
   logging.get_absl_handler().use_absl_log_file("supcon_tf", workdir)
   logging.info("Configuration: %s", config_lib.to_json(config))
   try:

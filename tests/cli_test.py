@@ -1,6 +1,8 @@
-"""Every flagfile in experiments/ resolves to valid configurations."""
+"""The command line: flagfiles, start-up, help and console output."""
 
+import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -10,6 +12,17 @@ from supcon_tf import cli
 # Not resolve(): under Bazel the flagfiles are runfiles beside this file.
 EXPERIMENTS = pathlib.Path(__file__).absolute().parent.parent / "experiments"
 FLAGFILES = sorted(EXPERIMENTS.glob("*.cfg"))
+# Where `supcon_tf` is importable from (the repository, or Bazel runfiles).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
+
+
+def python(*args, env=None, timeout=120):
+  """Runs `python *args` with `supcon_tf` importable; returns the result."""
+  env = dict(os.environ if env is None else env, PYTHONPATH=os.pathsep.join(
+      [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                if p]))
+  return subprocess.run([sys.executable, *args], capture_output=True,
+                        text=True, env=env, timeout=timeout, check=False)
 
 
 def resolve(flagfile, monkeypatch):
@@ -61,6 +74,58 @@ def test_paper_recipe_updates_match_the_official_code(monkeypatch):
   decay_step = train.optimizer.learning_rate * train.optimizer.weight_decay
   assert decay_step == pytest.approx(
       official_lr * official_decay / (1 - momentum), rel=1e-2)
+
+
+def test_flags_are_parsed_and_checked_without_tensorflow(tmp_path):
+  """A bad flag answers at once: TensorFlow is imported after the checks."""
+  code = f"""
+import sys
+from supcon_tf import cli
+cli.FLAGS(["supcon-tf", "--workdir={tmp_path}", "--steps=30"])
+cli.train_config(), cli.linear_config(), cli.data_config()
+cli.FLAGS.unparse_flags()
+for argv in (["--batch_size=0"], ["--method=supcom"]):
+  sys.argv = ["supcon-tf", "--workdir={tmp_path / 'bad'}", *argv]
+  try:
+    cli.run()
+  except SystemExit as e:
+    assert e.code == 1, e.code
+  cli.FLAGS.unparse_flags()
+print(sorted(m for m in sys.modules if m.split(".")[0] in
+             ("tensorflow", "keras", "tensorflow_datasets")))
+"""
+  result = python("-c", code)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.splitlines()[-1] == "[]", result.stdout[-3000:]
+  assert "batch_size must be > 0, got 0" in result.stderr
+  assert "--method=supcom" in result.stderr
+  assert not (tmp_path / "bad").exists()
+
+
+def test_startup_noise_is_dropped_and_other_lines_kept():
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  code = """
+import sys
+from supcon_tf import cli
+tf = cli._import_tensorflow()
+assert tf.constant(2) + 2 == 4
+print("after import", file=sys.stderr)
+"""
+  result = python("-c", code, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "after import" in result.stderr
+  for noise in ("cuInit", "absl::InitializeLog", "Could not find cuda",
+                "cpu_feature_guard"):
+    assert noise not in result.stderr, result.stderr[-3000:]
+  noise = ("WARNING: All log messages before absl::InitializeLog() is called"
+           " are written to STDERR\n"
+           "I0000 00:00:1.2 3 cudart_stub.cc:31] Could not find cuda drivers "
+           "on your machine, GPU will not be used.\n"
+           "E0000 00:00:1.2 3 cuda_platform.cc:52] failed call to cuInit: "
+           "INTERNAL: CUDA error\n")
+  real = "W0000 00:00:1.2 3 cache_dataset_ops.cc:912] The calling iterator\n"
+  assert [l for l in (noise + real).splitlines(True)
+          if not cli._STARTUP_NOISE.search(l)] == [real]
 
 
 if __name__ == "__main__":
