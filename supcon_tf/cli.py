@@ -91,6 +91,108 @@ flags.DEFINE_bool("robustness", True, "Measure corruption robustness in the "
 
 FLAGS = flags.FLAGS
 
+# `--help`: our flags, by stage, in this order. `--helpfull` is absl's list
+# of every flag (absl's, TensorFlow's, ...). A new flag goes in one group.
+FLAG_GROUPS = (
+    ("run", ("mode", "workdir")),
+    ("data", ("dataset", "data_dir", "validation_fraction", "image_size",
+              "num_views", "augmentation", "blur", "skip_corrupt")),
+    ("model", ("encoder", "stem", "width", "head", "projection_dim")),
+    ("loss", ("method", "temperature", "contrast_mode", "summation",
+              "denominator", "positives_cap")),
+    ("optimisation", (
+        "batch_size", "epochs", "steps", "optimizer", "learning_rate",
+        "lr_scaling", "lr_schedule", "warmup_epochs", "momentum",
+        "weight_decay", "mixed_precision", "jit_compile", "deterministic",
+        "seed", "steps_per_loop", "checkpoint_every")),
+    ("distribution", ("strategy", "cpu_devices")),
+    ("linear evaluation", ("linear_epochs", "linear_learning_rates",
+                           "linear_batch_size", "linear_augment")),
+    ("export / report", ("robustness",)),
+)
+
+_HELP_HEADER = """\
+supcon-tf: Supervised Contrastive Learning with TensorFlow and Keras.
+Pretrains, evaluates (frozen-encoder linear classifier), exports a
+SavedModel and writes a report, all in --workdir; rerun the same command
+to resume.
+
+  supcon-tf --workdir=runs/first
+  supcon-tf --flagfile=experiments/cifar10_supcon_cpu30.cfg --workdir=runs/x
+"""
+_HELP_FOOTER = """\
+--flagfile=FILE reads flags from FILE (one per line, # comments).
+--helpfull lists every flag, absl's included."""
+_HELP_COLUMN = 30  # Where the help text of a flag starts.
+
+
+def _flag_usage(flag) -> str:
+  """`--name=default`, as it would be typed."""
+  if flag.value is None and flag.default is None:
+    return f"--{flag.name} (unset)"
+  default = flag.default
+  if isinstance(default, bool):
+    default = "true" if default else "false"
+  elif isinstance(default, (list, tuple)):
+    default = ",".join(str(v) for v in default)
+  return f"--{flag.name}={default}"
+
+
+def _flag_lines(flag):
+  """The help of one flag: usage, then the wrapped description."""
+  import textwrap  # pylint: disable=g-import-not-at-top
+  text = flag.help
+  enum_values = getattr(flag.parser, "enum_values", None)
+  if enum_values:  # absl's "<a|b>: " prefix, as a sentence at the end.
+    text = text.split(">: ", 1)[-1] + f" One of: {', '.join(enum_values)}."
+  usage = "  " + _flag_usage(flag)
+  width = 80 - _HELP_COLUMN
+  body = textwrap.wrap(text, width) or [""]
+  if len(usage) >= _HELP_COLUMN - 1:
+    lines = [usage]
+  else:
+    lines = [usage.ljust(_HELP_COLUMN) + body.pop(0)]
+  return lines + [" " * _HELP_COLUMN + line for line in body]
+
+
+def grouped_help() -> str:
+  """The text of `--help`: our flags by stage, with their defaults."""
+  parts = [_HELP_HEADER]
+  for title, names in FLAG_GROUPS:
+    parts.append(f"{title}:")
+    for name in names:
+      parts.extend(_flag_lines(FLAGS[name]))
+    parts.append("")
+  parts.append(_HELP_FOOTER)
+  return "\n".join(parts)
+
+
+class _HelpFlag(flags.BooleanFlag):
+  """`--help` / `-?` / `--helpshort`: prints `grouped_help()` and exits 0."""
+
+  def __init__(self, name, short_name=None):
+    super().__init__(name, False, "show the flags of this program",
+                     short_name=short_name, allow_hide_cpp=True)
+
+  def parse(self, argument):
+    if self._parse(argument):
+      print(grouped_help())
+      sys.exit(0)
+
+
+def _define_help_flags() -> None:
+  """Replaces absl's --help (main module's flags only) by `grouped_help`."""
+  app.define_help_flags()  # Idempotent; defines --helpfull, --help, ...
+  if isinstance(FLAGS["help"], _HelpFlag):
+    return
+  for name in ("help", "?", "helpshort"):
+    delattr(FLAGS, name)
+  flags.DEFINE_flag(_HelpFlag("help", "?"))
+  flags.DEFINE_flag(_HelpFlag("helpshort"))
+
+
+_define_help_flags()
+
 
 class UsageError(ValueError):
   """A problem with the command line itself."""

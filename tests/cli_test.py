@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -126,6 +127,47 @@ print("after import", file=sys.stderr)
   real = "W0000 00:00:1.2 3 cache_dataset_ops.cc:912] The calling iterator\n"
   assert [l for l in (noise + real).splitlines(True)
           if not cli._STARTUP_NOISE.search(l)] == [real]
+
+
+def _our_flags():
+  names = {f.name for f in cli.FLAGS.flags_by_module_dict()[cli.__name__]}
+  return names - {"help", "helpshort"}
+
+
+def test_every_flag_is_in_one_help_group():
+  grouped = [name for _, names in cli.FLAG_GROUPS for name in names]
+  assert len(grouped) == len(set(grouped)), "a flag in two groups"
+  assert set(grouped) == _our_flags()
+
+
+@pytest.mark.parametrize("flag", ["--help", "-?", "--helpshort"])
+def test_help_lists_our_flags_by_stage_on_a_screen(flag):
+  result = python("-m", "supcon_tf", flag)
+  assert result.returncode == 0, result.stderr[-3000:]
+  text = result.stdout
+  assert text == cli.grouped_help() + "\n"
+  lines = text.splitlines()
+  assert max(len(line) for line in lines) <= 80
+  titles = [title for title, _ in cli.FLAG_GROUPS]
+  assert titles[1:] == ["data", "model", "loss", "optimisation",
+                        "distribution", "linear evaluation",
+                        "export / report"]
+  starts = [lines.index(f"{title}:") for title in titles]
+  assert starts == sorted(starts)
+  for begin, end in zip(starts, starts[1:] + [len(lines)]):
+    assert end - begin <= 40, f"group at line {begin} is {end - begin} lines"
+  shown = re.findall(r"^  --(\w+)", text, re.MULTILINE)
+  assert sorted(shown) == sorted(_our_flags())  # Each once; absl's hidden.
+  for default in ("--batch_size=256", "--method=supcon", "--blur=false",
+                  "--linear_learning_rates=0.3,1.0,3.0", "--steps (unset)"):
+    assert re.search(rf"^  {re.escape(default)}\s", text, re.MULTILINE)
+  assert "--helpfull" in text  # Where the rest is.
+
+
+def test_helpfull_still_lists_everything():
+  result = python("-m", "supcon_tf", "--helpfull")
+  assert result.returncode == 1, result.stderr[-3000:]  # absl's exit status.
+  assert "--batch_size" in result.stdout and "--verbosity" in result.stdout
 
 
 if __name__ == "__main__":
