@@ -352,6 +352,7 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
   _check_writable(workdir)
   check_resumable(workdir, config, write=False)
 
+  dataset_fn_given = dataset_fn
   if dataset_fn is None:
     info = data.dataset_info(config.data)
     num_classes, input_shape = info.num_classes, (
@@ -391,6 +392,10 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
   step = int(trainer.step.numpy())
   if restored and verbose:
     logging.info("Resumed from %s at step %d.", restored, step)
+  if verbose:
+    print(_stage_line(config, trainer.total_steps, steps_per_epoch,
+                      step if restored else None,
+                      epochs_known=dataset_fn_given is None), flush=True)
   writer = (tf.summary.create_file_writer(os.path.join(workdir, "train"))
             if saver.chief else tf.summary.create_noop_writer())
   progress = keras.utils.Progbar(trainer.total_steps, verbose=int(verbose),
@@ -432,8 +437,31 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
       saver.save(step)
       last_saved = step
   writer.flush()
+  if verbose and step < trainer.total_steps:
+    print(flush=True)  # Ends the progress bar, which ends itself at 100 %.
   return TrainResult(step=step, loss=metrics["loss"],
                      images_per_second=rate, workdir=workdir)
+
+
+def _stage_line(config: config_lib.TrainConfig, total: int,
+                steps_per_epoch: int, resumed_at: Optional[int], *,
+                epochs_known: bool) -> str:
+  """The console line that opens pretraining (or says where it resumes)."""
+  if resumed_at is not None:
+    if resumed_at >= total:
+      return f"pretraining: already done ({resumed_at:,} steps)"
+    return f"pretraining: resumed from step {resumed_at:,} of {total:,}"
+  what = f"batch {config.batch_size}, {config.method}"
+  if epochs_known:
+    what = (f"{total / steps_per_epoch:.3g} epochs of {steps_per_epoch:,} "
+            f"steps, {what}")
+  line = f"pretraining {total:,} steps ({what})"
+  requested = int(round(config.optimizer.warmup_epochs * steps_per_epoch))
+  fitted = optimizers.fit_warmup(requested, total)
+  if fitted != requested:
+    line += (f"; warm-up shortened from {requested:,} to {fitted:,} steps "
+             "to fit the run")
+  return line
 
 
 def restore_encoder(workdir: str, config: config_lib.TrainConfig,
