@@ -13,6 +13,7 @@ configuration, experiments/cifar10_supcon_cpu30.cfg.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -88,6 +89,9 @@ flags.DEFINE_integer("linear_batch_size", 256, "Linear-evaluation batch.")
 flags.DEFINE_bool("linear_augment", False, "Augment in linear evaluation.")
 flags.DEFINE_bool("robustness", True, "Measure corruption robustness in the "
                   "report.")
+flags.DEFINE_bool("json", False, "Print the JSON report on stdout instead of "
+                  "the summary table (it is always in <workdir>/report.json); "
+                  "progress then goes to stderr.")
 
 FLAGS = flags.FLAGS
 
@@ -108,7 +112,7 @@ FLAG_GROUPS = (
     ("distribution", ("strategy", "cpu_devices")),
     ("linear evaluation", ("linear_epochs", "linear_learning_rates",
                            "linear_batch_size", "linear_augment")),
-    ("export / report", ("robustness",)),
+    ("export / report", ("robustness", "json")),
 )
 
 _HELP_HEADER = """\
@@ -330,6 +334,7 @@ def run_pipeline(mode: str, workdir: str) -> dict:
   encoder = train_lib.restore_encoder(pretrain_dir, config)
   info = data.dataset_info(config.data)
   if mode in ("all", "train_ce", "linear_eval"):
+    _say_linear_eval(linear_config())
     start = time.time()
     classifier, result = linear_eval.linear_eval(
         encoder, config.data, linear_config(), strategy=strategy,
@@ -344,11 +349,59 @@ def run_pipeline(mode: str, workdir: str) -> dict:
         image_size=config.data.image_size, encoder=encoder,
         class_names=info.class_names)
     report["export"] = path
+    print(f"exported to {path}", flush=True)
   if mode in ("all", "train_ce", "evaluate"):
+    print("evaluation: k-NN accuracy, "
+          f"{'corruption robustness, ' if FLAGS.robustness else ''}plots",
+          flush=True)
     report["evaluation"] = evaluation.evaluate_workdir(
         workdir, encoder=encoder, classifier=_load_classifier(workdir),
         data_config=config.data, robustness=FLAGS.robustness)
   return _write_report(report_path, report, chief)
+
+
+def _say_linear_eval(config: config_lib.LinearEvalConfig) -> None:
+  rates = len(config.learning_rates or (config.learning_rate,))
+  print(f"linear evaluation: {rates} learning rate{'s' if rates > 1 else ''}"
+        f" x {config.epochs} epochs (batch {config.batch_size})", flush=True)
+
+
+def _percent(value) -> str:
+  return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def summary_table(report: dict, workdir: str) -> str:
+  """The report as a short table for people (report.json has everything)."""
+  rows = []
+  pretrain = report.get("pretrain")
+  if pretrain:
+    rows.append(("pretraining", (
+        f"{pretrain['method']}, {pretrain['steps']:,} steps, final loss "
+        f"{pretrain['final_loss']:.4f}, "
+        f"{pretrain['images_per_second']:,.0f} images/s")))
+  linear = report.get("linear_eval")
+  if linear:
+    rows.append(("linear eval top-1", (
+        f"{_percent(linear['test_top1'])} test, top-{linear['top5_k']} "
+        f"{_percent(linear['test_top5'])} (learning rate "
+        f"{linear['learning_rate']:g}, {linear['epochs']} epochs, chosen on "
+        f"{linear['selected_on']})")))
+  evaluation = report.get("evaluation")
+  if evaluation:
+    rows.append(("k-NN top-1", (
+        f"{_percent(evaluation['knn_top1'])} (k={evaluation['knn_k']}, "
+        f"{evaluation['knn_train_examples']:,} neighbours)")))
+    robustness = evaluation.get("robustness")
+    if robustness:
+      rows.append(("corrupted top-1", (
+          f"{_percent(robustness['mean_corrupted_top1'])} mean, clean "
+          f"{_percent(robustness['clean_top1'])}")))
+  if report.get("export"):
+    rows.append(("SavedModel", report["export"]))
+  from supcon_tf import rundir  # pylint: disable=g-import-not-at-top
+  rows.append(("report", rundir.report_path(workdir)))
+  width = max(len(name) for name, _ in rows)
+  return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 
 
 def _load_classifier(workdir):
@@ -383,8 +436,12 @@ def main(argv):
   _split_cpu(FLAGS.cpu_devices)
   logging.get_absl_handler().use_absl_log_file("supcon_tf", workdir)
   logging.info("Configuration: %s", config_lib.to_json(config))
+  # With --json, stdout carries the JSON alone: progress goes to stderr.
+  progress_to = (contextlib.redirect_stdout(sys.stderr) if FLAGS.json
+                 else contextlib.nullcontext())
   try:
-    report = run_pipeline(FLAGS.mode, workdir)
+    with progress_to:
+      report = run_pipeline(FLAGS.mode, workdir)
   except KeyboardInterrupt:
     _fail("interrupted; run the same command again to resume.")
   except Exception as e:  # pylint: disable=broad-except
@@ -394,7 +451,10 @@ def main(argv):
       logging.exception("Failed.")
       _fail(e)
     raise
-  print(json.dumps(report, indent=2, sort_keys=True))
+  if FLAGS.json:
+    print(json.dumps(report, indent=2, sort_keys=True))
+  else:
+    print(summary_table(report, workdir))
 
 
 def _fail(error) -> None:

@@ -1,11 +1,13 @@
 """The command line: flagfiles, start-up, help and console output."""
 
+import json
 import os
 import pathlib
 import re
 import subprocess
 import sys
 
+from absl import logging
 import pytest
 
 from supcon_tf import cli
@@ -168,6 +170,63 @@ def test_helpfull_still_lists_everything():
   result = python("-m", "supcon_tf", "--helpfull")
   assert result.returncode == 1, result.stderr[-3000:]  # absl's exit status.
   assert "--batch_size" in result.stdout and "--verbosity" in result.stdout
+
+
+REPORT = {
+    "pretrain": {"method": "supcon", "steps": 1400, "final_loss": 4.56789,
+                 "images_per_second": 1234.5, "seconds_this_run": 10.0},
+    "linear_eval": {"test_top1": 0.6834, "test_top5": 0.9712, "top5_k": 5,
+                    "learning_rate": 1.0, "epochs": 9,
+                    "selected_on": "validation", "history": []},
+    "export": "/runs/first/export/1",
+    "evaluation": {"knn_top1": 0.652, "knn_k": 200,
+                   "knn_train_examples": 10000, "test_examples": 2000,
+                   "robustness": {"clean_top1": 0.68,
+                                  "mean_corrupted_top1": 0.451},
+                   "plots": [], "notes": []},
+}
+
+
+def test_summary_table_is_short_and_readable():
+  table = cli.summary_table(REPORT, "/runs/first")
+  assert table.splitlines() == [
+      "pretraining        supcon, 1,400 steps, final loss 4.5679, "
+      "1,234 images/s",
+      "linear eval top-1  68.3 % test, top-5 97.1 % (learning rate 1, 9 "
+      "epochs, chosen on validation)",
+      "k-NN top-1         65.2 % (k=200, 10,000 neighbours)",
+      "corrupted top-1    45.1 % mean, clean 68.0 %",
+      "SavedModel         /runs/first/export/1",
+      "report             /runs/first/report.json",
+  ]
+  only_pretrain = cli.summary_table({"pretrain": REPORT["pretrain"]}, "/r")
+  assert len(only_pretrain.splitlines()) == 2
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_report_goes_to_stdout_as_a_table_or_json(tmp_path, monkeypatch,
+                                                  capsys, as_json):
+  def fake_pipeline(mode, workdir):
+    print("pretraining 1,400 steps (progress)")
+    return REPORT
+
+  monkeypatch.setattr(cli, "run_pipeline", fake_pipeline)
+  monkeypatch.setattr(logging.get_absl_handler(), "use_absl_log_file",
+                      lambda *args, **kwargs: None)
+  cli.FLAGS(["supcon-tf", f"--workdir={tmp_path}"] +
+            (["--json"] if as_json else []))
+  try:
+    cli.main(["supcon-tf"])
+  finally:
+    cli.FLAGS.unparse_flags()
+  out, err = capsys.readouterr()
+  if as_json:
+    assert json.loads(out) == REPORT  # Nothing else on stdout.
+    assert "(progress)" in err
+  else:
+    assert out.startswith("pretraining 1,400 steps (progress)\n")
+    assert out.endswith(cli.summary_table(REPORT, str(tmp_path)) + "\n")
+    assert "{" not in out
 
 
 if __name__ == "__main__":
