@@ -50,6 +50,9 @@ flags.DEFINE_bool("skip_corrupt", False, "In folder datasets, skip (and "
                   "count) undecodable image files instead of failing.")
 flags.DEFINE_float("validation_fraction", 0.1, "Share of the training split "
                    "held out for linear-evaluation choices.")
+flags.DEFINE_integer("train_examples", None, "Use only the first N examples "
+                     "of the training split (after the validation hold-out), "
+                     "e.g. for a smoke test or a laptop.")
 flags.DEFINE_integer("batch_size", 256, "Global batch size (samples).")
 flags.DEFINE_float("epochs", 8, "Pretraining epochs.")
 flags.DEFINE_integer("steps", None, "Pretraining steps (overrides --epochs).")
@@ -99,8 +102,9 @@ FLAGS = flags.FLAGS
 # of every flag (absl's, TensorFlow's, ...). A new flag goes in one group.
 FLAG_GROUPS = (
     ("run", ("mode", "workdir")),
-    ("data", ("dataset", "data_dir", "validation_fraction", "image_size",
-              "num_views", "augmentation", "blur", "skip_corrupt")),
+    ("data", ("dataset", "data_dir", "validation_fraction", "train_examples",
+              "image_size", "num_views", "augmentation", "blur",
+              "skip_corrupt")),
     ("model", ("encoder", "stem", "width", "head", "projection_dim")),
     ("loss", ("method", "temperature", "contrast_mode", "summation",
               "denominator", "positives_cap")),
@@ -232,7 +236,7 @@ def data_config() -> config_lib.DataConfig:
       image_size=FLAGS.image_size, num_views=FLAGS.num_views,
       augmentation=FLAGS.augmentation, blur=FLAGS.blur,
       validation_fraction=FLAGS.validation_fraction,
-      skip_corrupt=FLAGS.skip_corrupt)
+      skip_corrupt=FLAGS.skip_corrupt, train_examples=FLAGS.train_examples)
 
 
 def linear_config() -> config_lib.LinearEvalConfig:
@@ -363,7 +367,8 @@ def run_pipeline(mode: str, workdir: str) -> dict:
 def _say_linear_eval(config: config_lib.LinearEvalConfig) -> None:
   rates = len(config.learning_rates or (config.learning_rate,))
   print(f"linear evaluation: {rates} learning rate{'s' if rates > 1 else ''}"
-        f" x {config.epochs} epochs (batch {config.batch_size})", flush=True)
+        f" x {config.epochs} epoch{'s' if config.epochs > 1 else ''} (batch "
+        f"{config.batch_size})", flush=True)
 
 
 def _percent(value) -> str:
@@ -384,7 +389,8 @@ def summary_table(report: dict, workdir: str) -> str:
     rows.append(("linear eval top-1", (
         f"{_percent(linear['test_top1'])} test, top-{linear['top5_k']} "
         f"{_percent(linear['test_top5'])} (learning rate "
-        f"{linear['learning_rate']:g}, {linear['epochs']} epochs, chosen on "
+        f"{linear['learning_rate']:g}, {linear['epochs']} "
+        f"epoch{'s' if linear['epochs'] > 1 else ''}, chosen on "
         f"{linear['selected_on']})")))
   evaluation = report.get("evaluation")
   if evaluation:

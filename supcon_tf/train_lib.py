@@ -453,8 +453,9 @@ def _stage_line(config: config_lib.TrainConfig, total: int,
     return f"pretraining: resumed from step {resumed_at:,} of {total:,}"
   what = f"batch {config.batch_size}, {config.method}"
   if epochs_known:
-    what = (f"{total / steps_per_epoch:.3g} epochs of {steps_per_epoch:,} "
-            f"steps, {what}")
+    epochs = total / steps_per_epoch
+    what = (f"{epochs:.3g} epoch{'' if epochs == 1 else 's'} of "
+            f"{steps_per_epoch:,} steps, {what}")
   line = f"pretraining {total:,} steps ({what})"
   requested = int(round(config.optimizer.warmup_epochs * steps_per_epoch))
   fitted = optimizers.fit_warmup(requested, total)
