@@ -6,7 +6,8 @@ The loss is importable without the training stack; the Keras model
 
 The loss names below load `supcon_tf.losses` (and TensorFlow) on first use,
 so that `supcon_tf.config` and the command line's flag parsing start without
-TensorFlow.
+TensorFlow. Keras finds the losses of a saved model only once they are
+registered: `import supcon_tf.losses` before `keras.saving.load_model`.
 """
 
 import importlib
