@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import tempfile
+import textwrap
 import time
 
 from absl import app
@@ -99,7 +100,7 @@ flags.DEFINE_bool("json", False, "Print the JSON report on stdout instead of "
 FLAGS = flags.FLAGS
 
 # `--help`: our flags, by stage, in this order. `--helpfull` is absl's list
-# of every flag (absl's, TensorFlow's, ...). A new flag goes in one group.
+# of every flag, absl's own included. A new flag goes in one group.
 FLAG_GROUPS = (
     ("run", ("mode", "workdir")),
     ("data", ("dataset", "data_dir", "validation_fraction", "train_examples",
@@ -136,7 +137,7 @@ _HELP_COLUMN = 30  # Where the help text of a flag starts.
 
 def _flag_usage(flag) -> str:
   """`--name=default`, as it would be typed."""
-  if flag.value is None and flag.default is None:
+  if flag.default is None:
     return f"--{flag.name} (unset)"
   default = flag.default
   if isinstance(default, bool):
@@ -148,7 +149,6 @@ def _flag_usage(flag) -> str:
 
 def _flag_lines(flag):
   """The help of one flag: usage, then the wrapped description."""
-  import textwrap  # pylint: disable=g-import-not-at-top
   text = flag.help
   enum_values = getattr(flag.parser, "enum_values", None)
   if enum_values:  # absl's "<a|b>: " prefix, as a sentence at the end.
