@@ -239,46 +239,5 @@ def test_train_examples_flag_reaches_the_data_config(monkeypatch):
     cli.FLAGS.unparse_flags()
   assert resolve(None, monkeypatch)[0].data.train_examples is None
 
-
-SMOKE_FLAGS = (
-    "--train_examples=640", "--steps=4", "--width=0.0625", "--batch_size=16",
-    "--steps_per_loop=2", "--checkpoint_every=2", "--projection_dim=8",
-    "--mixed_precision=float32", "--linear_epochs=1",
-    "--linear_learning_rates=0.1", "--validation_fraction=0.0002",
-    "--norobustness")
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(os.path.join(
-    os.environ.get("TFDS_DATA_DIR", "/nonexistent"), "cifar10")),
-                    reason="no prepared CIFAR-10 at $TFDS_DATA_DIR")
-def test_smoke_run_prints_stages_and_a_table(tmp_path):
-  """A CIFAR-10 subset runs end to end with the default warm-up."""
-  workdir = tmp_path / "run"
-  first = python("-m", "supcon_tf", f"--workdir={workdir}", *SMOKE_FLAGS,
-                 timeout=900)
-  assert first.returncode == 0, first.stderr[-3000:]
-  lines = [line.strip() for line in re.split(r"[\r\n]", first.stdout)]
-  stages = [line for line in lines if re.match(
-      r"pretraining[ :]\S|linear evaluation:|exported to |evaluation:", line)]
-  assert stages == [
-      "pretraining 4 steps (0.1 epochs of 40 steps, batch 16, supcon); "
-      "warm-up shortened from 20 to 0 steps to fit the run",
-      "linear evaluation: 1 learning rate x 1 epoch (batch 256)",
-      f"exported to {workdir / 'export' / '1'}",
-      "evaluation: k-NN accuracy, plots",
-  ]
-  report = json.loads((workdir / "report.json").read_text())
-  table = cli.summary_table(report, str(workdir)).splitlines()
-  assert lines[-len(table) - 1:-1] == [line.strip() for line in table]
-  assert report["pretrain"]["steps"] == 4
-
-  again = python("-m", "supcon_tf", f"--workdir={workdir}", "--mode=pretrain",
-                 "--json", *SMOKE_FLAGS, timeout=900)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert json.loads(again.stdout) == report
-  assert "pretraining: already done (4 steps)" in again.stderr
-
-
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
