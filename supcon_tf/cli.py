@@ -13,10 +13,13 @@ configuration, experiments/cifar10_supcon_cpu30.cfg.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
+import tempfile
+import textwrap
 import time
 
 from absl import app
@@ -56,6 +59,9 @@ flags.DEFINE_bool("skip_corrupt", False, "In folder datasets, skip (and "
                   "count) undecodable image files instead of failing.")
 flags.DEFINE_float("validation_fraction", 0.1, "Share of the training split "
                    "held out for linear-evaluation choices.")
+flags.DEFINE_integer("train_examples", None, "Use only the first N examples "
+                     "of the training split (after the validation hold-out), "
+                     "e.g. for a smoke test or a laptop.")
 flags.DEFINE_integer("batch_size", 256, "Global batch size (samples).")
 flags.DEFINE_float("epochs", 8, "Pretraining epochs.")
 flags.DEFINE_integer("steps", None, "Pretraining steps (overrides --epochs).")
@@ -95,8 +101,113 @@ flags.DEFINE_integer("linear_batch_size", 256, "Linear-evaluation batch.")
 flags.DEFINE_bool("linear_augment", False, "Augment in linear evaluation.")
 flags.DEFINE_bool("robustness", True, "Measure corruption robustness in the "
                   "report.")
+flags.DEFINE_bool("json", False, "Print the JSON report on stdout instead of "
+                  "the summary table (it is always in <workdir>/report.json); "
+                  "progress then goes to stderr.")
 
 FLAGS = flags.FLAGS
+
+# `--help`: our flags, by stage, in this order. `--helpfull` is absl's list
+# of every flag, absl's own included. A new flag goes in one group.
+FLAG_GROUPS = (
+    ("run", ("mode", "workdir")),
+    ("data", ("dataset", "data_dir", "validation_fraction", "train_examples",
+              "image_size", "num_views", "augmentation", "blur",
+              "skip_corrupt")),
+    ("model", ("encoder", "stem", "width", "head", "projection_dim")),
+    ("loss", ("method", "temperature", "contrast_mode", "summation",
+              "denominator", "positives_cap")),
+    ("optimisation", (
+        "batch_size", "epochs", "steps", "optimizer", "learning_rate",
+        "lr_scaling", "lr_schedule", "warmup_epochs", "momentum",
+        "weight_decay", "mixed_precision", "jit_compile", "deterministic",
+        "seed", "steps_per_loop", "checkpoint_every")),
+    ("distribution", ("strategy", "cpu_devices")),
+    ("linear evaluation", ("linear_epochs", "linear_learning_rates",
+                           "linear_batch_size", "linear_augment")),
+    ("export / report", ("robustness", "json")),
+)
+
+_HELP_HEADER = """\
+supcon-tf: Supervised Contrastive Learning with TensorFlow and Keras.
+Pretrains, evaluates (frozen-encoder linear classifier), exports a
+SavedModel and writes a report, all in --workdir; rerun the same command
+to resume.
+
+  supcon-tf --workdir=runs/first
+  supcon-tf --flagfile=experiments/cifar10_supcon_cpu30.cfg --workdir=runs/x
+"""
+_HELP_FOOTER = """\
+--flagfile=FILE reads flags from FILE (one per line, # comments).
+--helpfull lists every flag, absl's included."""
+_HELP_COLUMN = 30  # Where the help text of a flag starts.
+
+
+def _flag_usage(flag) -> str:
+  """`--name=default`, as it would be typed."""
+  if flag.default is None:
+    return f"--{flag.name} (unset)"
+  default = flag.default
+  if isinstance(default, bool):
+    default = "true" if default else "false"
+  elif isinstance(default, (list, tuple)):
+    default = ",".join(str(v) for v in default)
+  return f"--{flag.name}={default}"
+
+
+def _flag_lines(flag):
+  """The help of one flag: usage, then the wrapped description."""
+  text = flag.help
+  enum_values = getattr(flag.parser, "enum_values", None)
+  if enum_values:  # absl's "<a|b>: " prefix, as a sentence at the end.
+    text = text.split(">: ", 1)[-1] + f" One of: {', '.join(enum_values)}."
+  usage = "  " + _flag_usage(flag)
+  width = 80 - _HELP_COLUMN
+  body = textwrap.wrap(text, width) or [""]
+  if len(usage) >= _HELP_COLUMN - 1:
+    lines = [usage]
+  else:
+    lines = [usage.ljust(_HELP_COLUMN) + body.pop(0)]
+  return lines + [" " * _HELP_COLUMN + line for line in body]
+
+
+def grouped_help() -> str:
+  """The text of `--help`: our flags by stage, with their defaults."""
+  parts = [_HELP_HEADER]
+  for title, names in FLAG_GROUPS:
+    parts.append(f"{title}:")
+    for name in names:
+      parts.extend(_flag_lines(FLAGS[name]))
+    parts.append("")
+  parts.append(_HELP_FOOTER)
+  return "\n".join(parts)
+
+
+class _HelpFlag(flags.BooleanFlag):
+  """`--help` / `-?` / `--helpshort`: prints `grouped_help()` and exits 0."""
+
+  def __init__(self, name, short_name=None):
+    super().__init__(name, False, "show the flags of this program",
+                     short_name=short_name, allow_hide_cpp=True)
+
+  def parse(self, argument):
+    if self._parse(argument):
+      print(grouped_help())
+      sys.exit(0)
+
+
+def _define_help_flags() -> None:
+  """Replaces absl's --help (main module's flags only) by `grouped_help`."""
+  app.define_help_flags()  # Idempotent; defines --helpfull, --help, ...
+  if isinstance(FLAGS["help"], _HelpFlag):
+    return
+  for name in ("help", "?", "helpshort"):
+    delattr(FLAGS, name)
+  flags.DEFINE_flag(_HelpFlag("help", "?"))
+  flags.DEFINE_flag(_HelpFlag("helpshort"))
+
+
+_define_help_flags()
 
 
 class UsageError(ValueError):
@@ -134,7 +245,7 @@ def data_config() -> config_lib.DataConfig:
       augmentation=FLAGS.augmentation, blur=FLAGS.blur,
       crop_sampling=FLAGS.crop_sampling, eval_crop=FLAGS.eval_crop,
       validation_fraction=FLAGS.validation_fraction,
-      skip_corrupt=FLAGS.skip_corrupt)
+      skip_corrupt=FLAGS.skip_corrupt, train_examples=FLAGS.train_examples)
 
 
 def linear_config() -> config_lib.LinearEvalConfig:
@@ -149,8 +260,52 @@ def linear_config() -> config_lib.LinearEvalConfig:
       augment=FLAGS.linear_augment, seed=FLAGS.seed)
 
 
+# What TensorFlow's C++ runtime prints at start-up on a machine without a
+# GPU (absl's pre-init notice, the CUDA driver probes): noise for the user.
+_STARTUP_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog\(\) is called"
+    r"|cudart_stub\.cc:\d+\] Could not find cuda drivers"
+    r"|cuda_platform\.cc:\d+\] failed call to cuInit")
+
+
+def _import_tensorflow():
+  """Imports TensorFlow and finds its devices, without the start-up noise.
+
+  Unless the user set TF_CPP_MIN_LOG_LEVEL (then TensorFlow prints what it
+  prints), INFO lines are switched off (level 1: warnings and errors stay)
+  and the lines of `_STARTUP_NOISE` are dropped from what TensorFlow
+  writes to stderr meanwhile; every other line is passed on.
+
+  Returns:
+    The `tensorflow` module.
+  """
+  # pylint: disable=g-import-not-at-top
+  if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+    import tensorflow as tf
+    tf.config.list_physical_devices()  # Where the CUDA probe happens.
+    return tf
+  os.environ["TF_CPP_MIN_LOG_LEVEL"] = "1"
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)  # C++ writes to fd 2, not sys.stderr.
+    try:
+      import tensorflow as tf
+      tf.config.list_physical_devices()
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      lines = captured.read().decode(errors="replace").splitlines(True)
+      sys.stderr.write("".join(
+          line for line in lines if not _STARTUP_NOISE.search(line)))
+      sys.stderr.flush()
+  return tf
+
+
 def _split_cpu(devices: int) -> None:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf = _import_tensorflow()
   if devices > 1:
     tf.config.set_logical_device_configuration(
         tf.config.list_physical_devices("CPU")[0],
@@ -210,6 +365,7 @@ def _run_stages(mode, workdir, report, strategy, chief):
   encoder = train_lib.restore_encoder(pretrain_dir, config)
   info = data.dataset_info(config.data)
   if mode in ("all", "train_ce", "linear_eval"):
+    _say_linear_eval(linear_config())
     start = time.time()
     classifier, result = linear_eval.linear_eval(
         encoder, config.data, linear_config(), strategy=strategy,
@@ -225,11 +381,61 @@ def _run_stages(mode, workdir, report, strategy, chief):
         class_names=info.class_names,
         eval_crop=config.data.resolved_eval_crop)
     report["export"] = path
+    print(f"exported to {path}", flush=True)
   if mode in ("all", "train_ce", "evaluate"):
+    print("evaluation: k-NN accuracy, "
+          f"{'corruption robustness, ' if FLAGS.robustness else ''}plots",
+          flush=True)
     report["evaluation"] = evaluation.evaluate_workdir(
         workdir, encoder=encoder, classifier=_load_classifier(workdir),
         data_config=config.data, robustness=FLAGS.robustness)
   return report
+
+
+def _say_linear_eval(config: config_lib.LinearEvalConfig) -> None:
+  rates = len(config.learning_rates or (config.learning_rate,))
+  print(f"linear evaluation: {rates} learning rate{'s' if rates > 1 else ''}"
+        f" x {config.epochs} epoch{'s' if config.epochs > 1 else ''} (batch "
+        f"{config.batch_size})", flush=True)
+
+
+def _percent(value) -> str:
+  return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def summary_table(report: dict, workdir: str) -> str:
+  """The report as a short table for people (report.json has everything)."""
+  rows = []
+  pretrain = report.get("pretrain")
+  if pretrain:
+    rows.append(("pretraining", (
+        f"{pretrain['method']}, {pretrain['steps']:,} steps, final loss "
+        f"{pretrain['final_loss']:.4f}, "
+        f"{pretrain['images_per_second']:,.0f} images/s")))
+  linear = report.get("linear_eval")
+  if linear:
+    rows.append(("linear eval top-1", (
+        f"{_percent(linear['test_top1'])} test, top-{linear['top5_k']} "
+        f"{_percent(linear['test_top5'])} (learning rate "
+        f"{linear['learning_rate']:g}, {linear['epochs']} "
+        f"epoch{'s' if linear['epochs'] > 1 else ''}, chosen on "
+        f"{linear['selected_on']})")))
+  evaluation = report.get("evaluation")
+  if evaluation:
+    rows.append(("k-NN top-1", (
+        f"{_percent(evaluation['knn_top1'])} (k={evaluation['knn_k']}, "
+        f"{evaluation['knn_train_examples']:,} neighbours)")))
+    robustness = evaluation.get("robustness")
+    if robustness:
+      rows.append(("corrupted top-1", (
+          f"{_percent(robustness['mean_corrupted_top1'])} mean, clean "
+          f"{_percent(robustness['clean_top1'])}")))
+  if report.get("export"):
+    rows.append(("SavedModel", report["export"]))
+  from supcon_tf import rundir  # pylint: disable=g-import-not-at-top
+  rows.append(("report", rundir.report_path(workdir)))
+  width = max(len(name) for name, _ in rows)
+  return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 
 
 def _load_classifier(workdir):
@@ -253,7 +459,6 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required, e.g. --workdir=runs/first")
-  _split_cpu(FLAGS.cpu_devices)
   workdir = os.path.abspath(FLAGS.workdir)
   try:
     config = train_config()  # Validates every training flag up front.
@@ -261,10 +466,16 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
   except (ValueError, OSError) as e:
     _fail(e)
+  # Only now TensorFlow (seconds to import): flag errors come at once.
+  _split_cpu(FLAGS.cpu_devices)
   logging.get_absl_handler().use_absl_log_file("supcon_tf", workdir)
   logging.info("Configuration: %s", config_lib.to_json(config))
+  # With --json, stdout carries the JSON alone: progress goes to stderr.
+  progress_to = (contextlib.redirect_stdout(sys.stderr) if FLAGS.json
+                 else contextlib.nullcontext())
   try:
-    report = run_pipeline(FLAGS.mode, workdir)
+    with progress_to:
+      report = run_pipeline(FLAGS.mode, workdir)
   except KeyboardInterrupt:
     _fail("interrupted; run the same command again to resume.")
   except Exception as e:  # pylint: disable=broad-except
@@ -274,7 +485,10 @@ def main(argv):
       logging.exception("Failed.")
       _fail(e)
     raise
-  print(json.dumps(report, indent=2, sort_keys=True))
+  if FLAGS.json:
+    print(json.dumps(report, indent=2, sort_keys=True))
+  else:
+    print(summary_table(report, workdir))
 
 
 def _fail(error) -> None:

@@ -87,6 +87,9 @@ class DataConfig:
       linear evaluation (the test split is reported once, at the end).
     skip_corrupt: in folder datasets, skip undecodable files (counted)
       instead of failing.
+    train_examples: use only the first this many examples of the "train"
+      split (what is left after the validation hold-out, which stays as it
+      is), e.g. for smoke tests; None = all of them.
   """
   dataset: str = "cifar10"
   data_dir: Optional[str] = None
@@ -101,6 +104,7 @@ class DataConfig:
   validation_fraction: float = 0.1
   skip_corrupt: bool = False
   shuffle_buffer: int = 10_000
+  train_examples: Optional[int] = None
 
   def __post_init__(self):
     _check_positive("image_size", self.image_size)
@@ -112,6 +116,9 @@ class DataConfig:
     if not 0.0 <= self.validation_fraction < 1.0:
       raise ValueError("validation_fraction must be in [0, 1), got "
                        f"{self.validation_fraction}.")
+    if self.train_examples is not None and self.train_examples < 1:
+      raise ValueError("DataConfig.train_examples must be >= 1 (or None for "
+                       f"all), got {self.train_examples}.")
 
   @property
   def resolved_eval_crop(self) -> str:

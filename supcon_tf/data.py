@@ -20,6 +20,7 @@ Sources:
 Splits: "train" is `train_split` minus its last `validation_fraction`,
 "validation" is that held-out tail (folders: the tail of a fixed seed-0
 permutation of the files, so it mixes classes), "test" is `eval_split`.
+`DataConfig.train_examples` keeps only the first examples of "train".
 
 Determinism: files are read in a fixed order, shuffling is seeded, and each
 example's augmentation seed is derived from `seed`, the input pipeline id and
@@ -90,6 +91,13 @@ def _check_split(split: str) -> str:
   if split not in SPLITS:
     raise ValueError(f"split={split!r} is not one of {list(SPLITS)}.")
   return split
+
+
+def _num_train(available: int, config: config_lib.DataConfig) -> int:
+  """Training examples used: all `available`, or `config.train_examples`."""
+  if config.train_examples is None:
+    return available
+  return min(available, config.train_examples)
 
 
 def _num_validation(num_examples: int, fraction: float, where: str) -> int:
@@ -164,7 +172,8 @@ def _tfds_source(config: config_lib.DataConfig) -> _Source:
   num_all_train = num_examples(config.train_split)
   num_val = _num_validation(num_all_train, config.validation_fraction,
                             f"{name} {config.train_split}")
-  num_train = num_all_train - num_val
+  held_out = num_all_train - num_val  # Where the validation tail starts.
+  num_train = _num_train(held_out, config)
   num_test = num_examples(config.eval_split)
   # Plain split names can be sliced by TFDS (only the needed records are
   # read); split expressions are cut with take/skip instead.
@@ -175,7 +184,7 @@ def _tfds_source(config: config_lib.DataConfig) -> _Source:
       tfds_split, cut = config.eval_split, None
     elif plain:
       tfds_split = (f"{config.train_split}[:{num_train}]" if split == "train"
-                    else f"{config.train_split}[{num_train}:]")
+                    else f"{config.train_split}[{held_out}:]")
       cut = None
     else:
       tfds_split, cut = config.train_split, split
@@ -186,7 +195,7 @@ def _tfds_source(config: config_lib.DataConfig) -> _Source:
     if cut == "train":
       ds = ds.take(num_train)
     elif cut == "validation":
-      ds = ds.skip(num_train)
+      ds = ds.skip(held_out)
     return ds.map(lambda ex: (ex[image_key], ex[label_key]))
 
   def decode(raw: tf.Tensor) -> tf.Tensor:
@@ -297,16 +306,17 @@ def _folder_source(config: config_lib.DataConfig) -> _Source:
   order = np.random.RandomState(_FOLDER_SPLIT_SEED).permutation(
       len(train.files))
   num_val = _num_validation(len(order), config.validation_fraction, train_dir)
-  num_train = len(order) - num_val
+  held_out = len(order) - num_val  # Where the validation tail starts.
+  num_train = _num_train(held_out, config)
   split_files = {
       "train": [train.files[i] for i in order[:num_train]],
-      "validation": [train.files[i] for i in order[num_train:]],
+      "validation": [train.files[i] for i in order[held_out:]],
       "test": list(test.files),
   }
   split_labels = {
       "train": [label_of[train.class_names[i]] for i in order[:num_train]],
       "validation": [label_of[train.class_names[i]]
-                     for i in order[num_train:]],
+                     for i in order[held_out:]],
       "test": [label_of[name] for name in test.class_names],
   }
   shapes = set(train.shapes + test.shapes)

@@ -8,6 +8,7 @@ ready Keras optimiser.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from typing import Iterable, Sequence
@@ -26,6 +27,8 @@ DEFAULT_EXCLUDE = ("batch_normalization", "bias", "bn")
 # end in the Keras 3 names of norm scales/offsets and biases, whatever the
 # layer is called.
 _NORM_AND_BIAS_NAME = r"(^|/)(gamma|beta|bias)(:\d+)?$"
+# A warm-up longer than the whole run is cut to this share of the run.
+SHORT_RUN_WARMUP_FRACTION = 0.1
 
 
 def _variable_names(variable) -> Sequence[str]:
@@ -283,6 +286,25 @@ def scaled_learning_rate(base_lr: float, global_batch_size: int) -> float:
   return base_lr * global_batch_size / 256.0
 
 
+def fit_warmup(warmup_steps: int, total_steps: int) -> int:
+  """The warm-up a run of `total_steps` gets when `warmup_steps` are asked.
+
+  A warm-up that fits in the run is kept. One longer than the run (e.g. the
+  default 0.5 epochs on a `--steps=30` smoke run) would leave no decay, so it
+  becomes `SHORT_RUN_WARMUP_FRACTION` of the run instead.
+
+  Args:
+    warmup_steps: requested warm-up steps, >= 0.
+    total_steps: length of the run in steps, > 0.
+
+  Returns:
+    Warm-up steps in [0, total_steps].
+  """
+  if warmup_steps <= total_steps:
+    return warmup_steps
+  return int(round(SHORT_RUN_WARMUP_FRACTION * total_steps))
+
+
 def exclude_norm_and_bias(optimizer: keras.optimizers.Optimizer,
                           variables: Iterable,
                           patterns: Sequence[str] = DEFAULT_EXCLUDE) -> None:
@@ -316,8 +338,9 @@ def build_optimizer(config: config_lib.OptimizerConfig, *,
 
   The peak rate is `config.learning_rate`, scaled by `global_batch_size / 256`
   when `config.scale_by_batch`. It is reached after `config.warmup_epochs`
-  of linear warm-up, then follows a cosine to 0 at `total_steps`
-  (`schedule="cosine"`) or stays constant (`schedule="constant"`).
+  of linear warm-up (see `fit_warmup` for one longer than the run), then
+  follows a cosine to 0 at `total_steps` (`schedule="cosine"`) or stays
+  constant (`schedule="constant"`).
 
   Weight decay: `lars` folds L2 decay into the gradient (see `LARS`); `sgd`,
   `adamw` and `lamb` use Keras's decoupled decay (`w -= lr * wd * w` each
@@ -348,11 +371,13 @@ def build_optimizer(config: config_lib.OptimizerConfig, *,
       raise ValueError(f"{arg} must be > 0, got {value!r}.")
   peak = (scaled_learning_rate(config.learning_rate, global_batch_size)
           if config.scale_by_batch else float(config.learning_rate))
-  warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
-  if warmup_steps > total_steps:
-    raise ValueError(
-        f"warmup_epochs={config.warmup_epochs} is {warmup_steps} steps, more "
-        f"than the run's total_steps={total_steps}; lower warmup_epochs.")
+  requested = int(round(config.warmup_epochs * steps_per_epoch))
+  warmup_steps = fit_warmup(requested, total_steps)
+  if warmup_steps != requested:
+    logging.warning(
+        "warmup_epochs=%s is %d steps, more than the run's %d: warming up "
+        "for %d steps instead.", config.warmup_epochs, requested,
+        total_steps, warmup_steps)
 
   if config.schedule == "cosine":
     learning_rate = WarmupCosine(peak, warmup_steps, total_steps)

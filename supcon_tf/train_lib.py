@@ -392,6 +392,10 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
     logging.info("Resumed from %s at step %d.", restored, step)
   iterator = iter(strategy.distribute_datasets_from_function(
       lambda context: pipeline_fn(context, _batches_delivered(step, context))))
+  if verbose:
+    print(_stage_line(config, trainer.total_steps, steps_per_epoch,
+                      step if restored else None,
+                      epochs_known=dataset_fn is None), flush=True)
   writer = (tf.summary.create_file_writer(os.path.join(workdir, "train"))
             if saver.chief else tf.summary.create_noop_writer())
   progress = keras.utils.Progbar(trainer.total_steps, verbose=int(verbose),
@@ -433,6 +437,8 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
       saver.save(step)
       last_saved = step
   writer.flush()
+  if verbose and step < trainer.total_steps:
+    print(flush=True)  # Ends the progress bar, which ends itself at 100 %.
   return TrainResult(step=step, loss=metrics["loss"],
                      images_per_second=rate, workdir=workdir)
 
@@ -444,6 +450,28 @@ def _batches_delivered(step: int, context: tf.distribute.InputContext) -> int:
   feeds: `num_replicas_in_sync / num_input_pipelines` of them.
   """
   return step * (context.num_replicas_in_sync // context.num_input_pipelines)
+
+
+def _stage_line(config: config_lib.TrainConfig, total: int,
+                steps_per_epoch: int, resumed_at: Optional[int], *,
+                epochs_known: bool) -> str:
+  """The console line that opens pretraining (or says where it resumes)."""
+  if resumed_at is not None:
+    if resumed_at >= total:
+      return f"pretraining: already done ({resumed_at:,} steps)"
+    return f"pretraining: resumed from step {resumed_at:,} of {total:,}"
+  what = f"batch {config.batch_size}, {config.method}"
+  if epochs_known:
+    epochs = total / steps_per_epoch
+    what = (f"{epochs:.3g} epoch{'' if epochs == 1 else 's'} of "
+            f"{steps_per_epoch:,} steps, {what}")
+  line = f"pretraining {total:,} steps ({what})"
+  requested = int(round(config.optimizer.warmup_epochs * steps_per_epoch))
+  fitted = optimizers.fit_warmup(requested, total)
+  if fitted != requested:
+    line += (f"; warm-up shortened from {requested:,} to {fitted:,} steps "
+             "to fit the run")
+  return line
 
 
 def restore_encoder(workdir: str, config: config_lib.TrainConfig,

@@ -1,8 +1,13 @@
-"""Every flagfile in experiments/ resolves to valid configurations."""
+"""The command line: flagfiles, start-up, help and console output."""
 
+import json
+import os
 import pathlib
+import re
+import subprocess
 import sys
 
+from absl import logging
 import pytest
 
 from supcon_tf import cli
@@ -10,6 +15,17 @@ from supcon_tf import cli
 # Not resolve(): under Bazel the flagfiles are runfiles beside this file.
 EXPERIMENTS = pathlib.Path(__file__).absolute().parent.parent / "experiments"
 FLAGFILES = sorted(EXPERIMENTS.glob("*.cfg"))
+# Where `supcon_tf` is importable from (the repository, or Bazel runfiles).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
+
+
+def python(*args, env=None, timeout=120):
+  """Runs `python *args` with `supcon_tf` importable; returns the result."""
+  env = dict(os.environ if env is None else env, PYTHONPATH=os.pathsep.join(
+      [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                if p]))
+  return subprocess.run([sys.executable, *args], capture_output=True,
+                        text=True, env=env, timeout=timeout, check=False)
 
 
 def resolve(flagfile, monkeypatch):
@@ -107,6 +123,166 @@ def test_imagenet_recipe_is_the_simclr_lars_rule(monkeypatch):
   assert train.optimizer.weight_decay == 1e-6
   assert train.data.image_size == 224 and train.model.stem == "imagenet"
 
+
+def test_flags_are_parsed_and_checked_without_tensorflow(tmp_path):
+  """A bad flag answers at once: TensorFlow is imported after the checks."""
+  code = f"""
+import sys
+from supcon_tf import cli
+cli.FLAGS(["supcon-tf", "--workdir={tmp_path}", "--steps=30"])
+cli.train_config(), cli.linear_config(), cli.data_config()
+cli.FLAGS.unparse_flags()
+for argv in (["--batch_size=0"], ["--method=supcom"]):
+  sys.argv = ["supcon-tf", "--workdir={tmp_path / 'bad'}", *argv]
+  try:
+    cli.run()
+  except SystemExit as e:
+    assert e.code == 1, e.code
+  cli.FLAGS.unparse_flags()
+print(sorted(m for m in sys.modules if m.split(".")[0] in
+             ("tensorflow", "keras", "tensorflow_datasets")))
+"""
+  result = python("-c", code)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.splitlines()[-1] == "[]", result.stdout[-3000:]
+  assert "batch_size must be > 0, got 0" in result.stderr
+  assert "--method=supcom" in result.stderr
+  assert not (tmp_path / "bad").exists()
+
+
+def test_startup_noise_is_dropped_and_other_lines_kept():
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  code = """
+import sys
+from supcon_tf import cli
+tf = cli._import_tensorflow()
+assert tf.constant(2) + 2 == 4
+print("after import", file=sys.stderr)
+"""
+  result = python("-c", code, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "after import" in result.stderr
+  for noise in ("cuInit", "absl::InitializeLog", "Could not find cuda",
+                "cpu_feature_guard"):
+    assert noise not in result.stderr, result.stderr[-3000:]
+  noise = ("WARNING: All log messages before absl::InitializeLog() is called"
+           " are written to STDERR\n"
+           "I0000 00:00:1.2 3 cudart_stub.cc:31] Could not find cuda drivers "
+           "on your machine, GPU will not be used.\n"
+           "E0000 00:00:1.2 3 cuda_platform.cc:52] failed call to cuInit: "
+           "INTERNAL: CUDA error\n")
+  real = "W0000 00:00:1.2 3 cache_dataset_ops.cc:912] The calling iterator\n"
+  assert [l for l in (noise + real).splitlines(True)
+          if not cli._STARTUP_NOISE.search(l)] == [real]
+
+
+def _our_flags():
+  names = {f.name for f in cli.FLAGS.flags_by_module_dict()[cli.__name__]}
+  return names - {"help", "helpshort"}
+
+
+def test_every_flag_is_in_one_help_group():
+  grouped = [name for _, names in cli.FLAG_GROUPS for name in names]
+  assert len(grouped) == len(set(grouped)), "a flag in two groups"
+  assert set(grouped) == _our_flags()
+
+
+@pytest.mark.parametrize("flag", ["--help", "-?", "--helpshort"])
+def test_help_lists_our_flags_by_stage_on_a_screen(flag):
+  result = python("-m", "supcon_tf", flag)
+  assert result.returncode == 0, result.stderr[-3000:]
+  text = result.stdout
+  assert text == cli.grouped_help() + "\n"
+  lines = text.splitlines()
+  assert max(len(line) for line in lines) <= 80
+  titles = [title for title, _ in cli.FLAG_GROUPS]
+  assert titles[1:] == ["data", "model", "loss", "optimisation",
+                        "distribution", "linear evaluation",
+                        "export / report"]
+  starts = [lines.index(f"{title}:") for title in titles]
+  assert starts == sorted(starts)
+  for begin, end in zip(starts, starts[1:] + [len(lines)]):
+    assert end - begin <= 40, f"group at line {begin} is {end - begin} lines"
+  shown = re.findall(r"^  --(\w+)", text, re.MULTILINE)
+  assert sorted(shown) == sorted(_our_flags())  # Each once; absl's hidden.
+  for default in ("--batch_size=256", "--method=supcon", "--blur=false",
+                  "--linear_learning_rates=0.3,1.0,3.0", "--steps (unset)"):
+    assert re.search(rf"^  {re.escape(default)}\s", text, re.MULTILINE)
+  assert "--helpfull" in text  # Where the rest is.
+
+
+def test_helpfull_still_lists_everything():
+  result = python("-m", "supcon_tf", "--helpfull")
+  assert result.returncode == 1, result.stderr[-3000:]  # absl's exit status.
+  assert "--batch_size" in result.stdout and "--verbosity" in result.stdout
+
+
+REPORT = {
+    "pretrain": {"method": "supcon", "steps": 1400, "final_loss": 4.56789,
+                 "images_per_second": 1234.5, "seconds_this_run": 10.0},
+    "linear_eval": {"test_top1": 0.6834, "test_top5": 0.9712, "top5_k": 5,
+                    "learning_rate": 1.0, "epochs": 9,
+                    "selected_on": "validation", "history": []},
+    "export": "/runs/first/export/1",
+    "evaluation": {"knn_top1": 0.652, "knn_k": 200,
+                   "knn_train_examples": 10000, "test_examples": 2000,
+                   "robustness": {"clean_top1": 0.68,
+                                  "mean_corrupted_top1": 0.451},
+                   "plots": [], "notes": []},
+}
+
+
+def test_summary_table_is_short_and_readable():
+  table = cli.summary_table(REPORT, "/runs/first")
+  assert table.splitlines() == [
+      "pretraining        supcon, 1,400 steps, final loss 4.5679, "
+      "1,234 images/s",
+      "linear eval top-1  68.3 % test, top-5 97.1 % (learning rate 1, 9 "
+      "epochs, chosen on validation)",
+      "k-NN top-1         65.2 % (k=200, 10,000 neighbours)",
+      "corrupted top-1    45.1 % mean, clean 68.0 %",
+      "SavedModel         /runs/first/export/1",
+      "report             /runs/first/report.json",
+  ]
+  only_pretrain = cli.summary_table({"pretrain": REPORT["pretrain"]}, "/r")
+  assert len(only_pretrain.splitlines()) == 2
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_report_goes_to_stdout_as_a_table_or_json(tmp_path, monkeypatch,
+                                                  capsys, as_json):
+  def fake_pipeline(mode, workdir):
+    print("pretraining 1,400 steps (progress)")
+    return REPORT
+
+  monkeypatch.setattr(cli, "run_pipeline", fake_pipeline)
+  monkeypatch.setattr(logging.get_absl_handler(), "use_absl_log_file",
+                      lambda *args, **kwargs: None)
+  cli.FLAGS(["supcon-tf", f"--workdir={tmp_path}"] +
+            (["--json"] if as_json else []))
+  try:
+    cli.main(["supcon-tf"])
+  finally:
+    cli.FLAGS.unparse_flags()
+  out, err = capsys.readouterr()
+  if as_json:
+    assert json.loads(out) == REPORT  # Nothing else on stdout.
+    assert "(progress)" in err
+  else:
+    assert out.startswith("pretraining 1,400 steps (progress)\n")
+    assert out.endswith(cli.summary_table(REPORT, str(tmp_path)) + "\n")
+    assert "{" not in out
+
+
+def test_train_examples_flag_reaches_the_data_config(monkeypatch):
+  monkeypatch.chdir(EXPERIMENTS.parent)
+  cli.FLAGS(["supcon-tf", "--workdir=unused", "--train_examples=64"])
+  try:
+    assert cli.data_config().train_examples == 64
+    assert cli.train_config().data.train_examples == 64
+  finally:
+    cli.FLAGS.unparse_flags()
+  assert resolve(None, monkeypatch)[0].data.train_examples is None
 
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))

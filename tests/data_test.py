@@ -1,6 +1,7 @@
 """Tests for supcon_tf.data (mock TFDS data and temporary image folders)."""
 
 import collections
+import dataclasses
 import logging
 import os
 import sys
@@ -159,6 +160,41 @@ def test_tfds_split_sizes(tmp_path):
     assert (info.num_train, info.num_val, info.num_test) == (20, 0, 10)
     assert data.eval_dataset(no_val, "validation", batch_size=4) is None
 
+    subset = data.dataset_info(_cfg(validation_fraction=0.1,
+                                    train_examples=5))
+    assert (subset.num_train, subset.num_val, subset.num_test) == (5, 2, 10)
+    more_than_there = data.dataset_info(_cfg(train_examples=1000))
+    assert (more_than_there.num_train, more_than_there.num_val) == (18, 2)
+
+
+def test_train_examples_must_be_positive():
+  with pytest.raises(ValueError, match="train_examples must be >= 1"):
+    _cfg(train_examples=0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_TFDS, "cifar10")),
+                    reason="offline CIFAR-10 copy not present")
+def test_offline_cifar10_train_examples_are_the_first_ones():
+  full = config.DataConfig(data_dir=SHARED_TFDS, validation_fraction=0.998)
+  subset = config.DataConfig(data_dir=SHARED_TFDS, validation_fraction=0.998,
+                             train_examples=40)
+  info = data.dataset_info(subset)
+  assert (info.num_train, info.num_val) == (40, 49900)
+  train_all, _ = _collect(full, "train")  # 100 examples.
+  train, labels = _collect(subset, "train")
+  np.testing.assert_array_equal(train, train_all[:40])
+  assert labels.shape == (40,)
+  tail = config.DataConfig(data_dir=SHARED_TFDS, validation_fraction=0.0002,
+                           train_examples=3)
+  (images, _), = _batches(data.eval_dataset(tail, "validation",
+                                            batch_size=20), 1)
+  full_tail = config.DataConfig(data_dir=SHARED_TFDS,
+                                validation_fraction=0.0002)
+  (expected, _), = _batches(data.eval_dataset(full_tail, "validation",
+                                              batch_size=20), 1)
+  np.testing.assert_array_equal(images, expected)  # Hold-out unchanged.
+
 
 def test_eval_dataset_keeps_every_example(tmp_path):
   with conftest.mock_tfds(tmp_path, num_examples=7):
@@ -298,6 +334,14 @@ def test_folder_skip_corrupt_loads_the_rest(tmp_path, caplog):
   (views, labels), = _batches(
       data.pretrain_dataset(cfg, global_batch_size=4, seed=0), 1)
   assert views.shape == (4, 2, 8, 8, 3) and labels.dtype == np.int32
+
+  # The first 3 training examples; the validation hold-out is unchanged.
+  subset = dataclasses.replace(cfg, train_examples=3)
+  assert data.dataset_info(subset).num_train == 3
+  sub_x, sub_y = _collect(subset, "train")
+  np.testing.assert_array_equal(sub_x, train_x[:3])
+  np.testing.assert_array_equal(sub_y, train_y[:3])
+  np.testing.assert_array_equal(_collect(subset, "validation")[0], val_x)
 
 
 def test_folder_pretrain_deterministic(tmp_path):

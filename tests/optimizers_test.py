@@ -307,11 +307,28 @@ def test_build_optimizer_constant_schedule():
       [0.0, 0.04, 0.2, 0.2, 0.2, 0.2])
 
 
+def test_fit_warmup_keeps_what_fits_and_shortens_the_rest():
+  assert optimizers.fit_warmup(0, 30) == 0
+  assert optimizers.fit_warmup(30, 30) == 30
+  assert optimizers.fit_warmup(703, 30) == 3  # 10 % of the run.
+  assert optimizers.fit_warmup(31, 1) == 0
+
+
+def test_build_optimizer_shortens_a_warmup_longer_than_the_run(caplog):
+  # 0.5 epochs of 1,406 steps in a 30-step run: 3 warm-up steps.
+  config = config_lib.OptimizerConfig(
+      name="sgd", learning_rate=0.3, warmup_epochs=0.5, schedule="constant")
+  with caplog.at_level("WARNING"):
+    opt = optimizers.build_optimizer(config, global_batch_size=256,
+                                     total_steps=30, steps_per_epoch=1406)
+  assert [_lr_at(opt, s) for s in (0, 1, 3, 29)] == pytest.approx(
+      [0.0, 0.1, 0.3, 0.3])
+  assert "is 703 steps, more than the run's 30" in caplog.text
+  assert "warming up for 3 steps instead" in caplog.text
+
+
 def test_build_optimizer_rejects_bad_lengths():
   config = config_lib.OptimizerConfig(warmup_epochs=20)
-  with pytest.raises(ValueError, match="warmup_epochs"):
-    optimizers.build_optimizer(config, global_batch_size=256,
-                               total_steps=100, steps_per_epoch=10)
   with pytest.raises(ValueError, match="steps_per_epoch"):
     optimizers.build_optimizer(config, global_batch_size=256,
                                total_steps=100, steps_per_epoch=0)

@@ -38,6 +38,7 @@ import functools
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -703,6 +704,57 @@ def test_command_line_skips_corrupt_files_and_exits_1_on_blow_up(tmp_path):
     assert_checkpoints_load(ckpt)
   assert json.loads((run["workdir"] / "report.json").read_text()) == {
       "kept": True}
+
+
+# ----------------------------------------------------------------------------
+# The command line end to end on a CIFAR-10 subset.
+
+
+def _run_cli(*flags):
+  """Runs `python -m supcon_tf *flags` to the end; returns the result."""
+  return subprocess.run([sys.executable, "-m", "supcon_tf", *flags],
+                        capture_output=True, text=True, env=ENV,
+                        timeout=TIMEOUT * 3, check=False)
+
+
+SMOKE_FLAGS = (
+    "--train_examples=640", "--steps=4", "--width=0.0625", "--batch_size=16",
+    "--steps_per_loop=2", "--checkpoint_every=2", "--projection_dim=8",
+    "--mixed_precision=float32", "--linear_epochs=1",
+    "--linear_learning_rates=0.1", "--validation_fraction=0.0002",
+    "--norobustness")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(os.path.join(
+    os.environ.get("TFDS_DATA_DIR", "/nonexistent"), "cifar10")),
+                    reason="no prepared CIFAR-10 at $TFDS_DATA_DIR")
+def test_smoke_run_prints_stages_and_a_table(tmp_path):
+  """A CIFAR-10 subset runs end to end with the default warm-up."""
+  from supcon_tf import cli  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "run"
+  first = _run_cli(f"--workdir={workdir}", *SMOKE_FLAGS)
+  assert first.returncode == 0, first.stderr[-3000:]
+  lines = [line.strip() for line in re.split(r"[\r\n]", first.stdout)]
+  stages = [line for line in lines if re.match(
+      r"pretraining[ :]\S|linear evaluation:|exported to |evaluation:", line)]
+  assert stages == [
+      "pretraining 4 steps (0.1 epochs of 40 steps, batch 16, supcon); "
+      "warm-up shortened from 20 to 0 steps to fit the run",
+      "linear evaluation: 1 learning rate x 1 epoch (batch 256)",
+      f"exported to {workdir / 'export' / '1'}",
+      "evaluation: k-NN accuracy, plots",
+  ]
+  report = json.loads((workdir / "report.json").read_text())
+  table = cli.summary_table(report, str(workdir)).splitlines()
+  assert lines[-len(table) - 1:-1] == [line.strip() for line in table]
+  assert report["pretrain"]["steps"] == 4
+
+  again = _run_cli(f"--workdir={workdir}", "--mode=pretrain", "--json",
+                   *SMOKE_FLAGS)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.loads(again.stdout) == report
+  assert "pretraining: already done (4 steps)" in again.stderr
 
 
 # ----------------------------------------------------------------------------

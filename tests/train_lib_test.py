@@ -5,6 +5,7 @@ replica's anchors against the globally gathered batch, gives the same loss
 and the same weights as training on one device with the global batch.
 """
 
+import dataclasses
 import json
 import os
 import socket
@@ -182,6 +183,30 @@ def test_pretrain_resume_gives_same_weights(tmp_path, replicas):
   for x, y in zip(a.weights, b.weights):
     np.testing.assert_array_equal(x.numpy(), y.numpy())
   assert tf.io.gfile.glob(str(straight / "train" / "events.*"))
+
+
+def test_pretrain_says_what_it_runs_and_where_it_resumes(tmp_path, capsys):
+  config = tiny_config(steps=2, steps_per_loop=1, checkpoint_every=1)
+  for stop in (1, None):
+    train_lib.pretrain(config, str(tmp_path), dataset_fn=synthetic_dataset_fn,
+                       stop_at_step=stop)
+  lines = [line for line in capsys.readouterr().out.splitlines()
+           if line.startswith("pretraining")]
+  assert lines == ["pretraining 2 steps (batch 8, supcon)",
+                   "pretraining: resumed from step 1 of 2"]
+  assert train_lib._stage_line(config, 2, 2, 2, epochs_known=False) == (
+      "pretraining: already done (2 steps)")
+
+
+def test_pretrain_line_counts_epochs_and_a_shortened_warmup():
+  config = dataclasses.replace(tiny_config(steps=30), optimizer=(
+      config_lib.OptimizerConfig(warmup_epochs=0.5)))
+  assert train_lib._stage_line(config, 30, 1406, None, epochs_known=True) == (
+      "pretraining 30 steps (0.0213 epochs of 1,406 steps, batch 8, supcon); "
+      "warm-up shortened from 703 to 3 steps to fit the run")
+  config = tiny_config(steps=None, epochs=8)
+  assert train_lib._stage_line(config, 1400, 175, None, epochs_known=True) == (
+      "pretraining 1,400 steps (8 epochs of 175 steps, batch 8, supcon)")
 
 
 def test_pretrain_loss_goes_down(tmp_path):
