@@ -93,6 +93,10 @@ flags.DEFINE_bool("deterministic", False, "Enable op determinism.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_integer("steps_per_loop", 25, "Steps per tf.function call.")
 flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.")
+flags.DEFINE_multi_string(
+    "set", [], "Set any configuration field, dotted, repeatable: "
+    "--set=loss.block_size=512 --set=loss.scale_by_temperature=false "
+    "(TrainConfig fields; linear.<field> for LinearEvalConfig).")
 flags.DEFINE_integer("linear_epochs", 10, "Linear-evaluation epochs.")
 flags.DEFINE_list("linear_learning_rates", ["0.3", "1.0", "3.0"],
                   "Linear-evaluation learning rates, chosen on the "
@@ -112,8 +116,8 @@ FLAGS = flags.FLAGS
 FLAG_GROUPS = (
     ("run", ("mode", "workdir")),
     ("data", ("dataset", "data_dir", "validation_fraction", "train_examples",
-              "image_size", "num_views", "augmentation", "blur",
-              "skip_corrupt")),
+              "image_size", "num_views", "augmentation", "crop_sampling",
+              "blur", "eval_crop", "skip_corrupt")),
     ("model", ("encoder", "stem", "width", "head", "projection_dim")),
     ("loss", ("method", "temperature", "contrast_mode", "summation",
               "denominator", "positives_cap")),
@@ -126,6 +130,7 @@ FLAG_GROUPS = (
     ("linear evaluation", ("linear_epochs", "linear_learning_rates",
                            "linear_batch_size", "linear_augment")),
     ("export / report", ("robustness", "json")),
+    ("any other setting", ("set",)),
 )
 
 _HELP_HEADER = """\
@@ -214,9 +219,24 @@ class UsageError(ValueError):
   """A problem with the command line itself."""
 
 
+_LINEAR_PREFIX = "linear."
+
+
+def _overrides(linear: bool):
+  """The --set items for LinearEvalConfig (`linear=True`) or TrainConfig."""
+  return [item[len(_LINEAR_PREFIX):] if linear else item
+          for item in FLAGS.set
+          if item.startswith(_LINEAR_PREFIX) == linear]
+
+
 def train_config() -> config_lib.TrainConfig:
   """The pretraining configuration the flags describe."""
   method = "ce" if FLAGS.mode == "train_ce" else FLAGS.method
+  return config_lib.override(_train_config_of_flags(method),
+                             _overrides(linear=False))
+
+
+def _train_config_of_flags(method: str) -> config_lib.TrainConfig:
   return config_lib.TrainConfig(
       method=method, batch_size=FLAGS.batch_size, epochs=FLAGS.epochs,
       steps=FLAGS.steps, steps_per_loop=FLAGS.steps_per_loop,
@@ -254,10 +274,10 @@ def linear_config() -> config_lib.LinearEvalConfig:
   except ValueError:
     raise UsageError("--linear_learning_rates must be numbers, got "
                      f"{FLAGS.linear_learning_rates}.") from None
-  return config_lib.LinearEvalConfig(
+  return config_lib.override(config_lib.LinearEvalConfig(
       epochs=FLAGS.linear_epochs, batch_size=FLAGS.linear_batch_size,
       learning_rate=rates[0], learning_rates=rates,
-      augment=FLAGS.linear_augment, seed=FLAGS.seed)
+      augment=FLAGS.linear_augment, seed=FLAGS.seed), _overrides(linear=True))
 
 
 # What TensorFlow's C++ runtime prints at start-up on a machine without a

@@ -198,7 +198,7 @@ def test_help_lists_our_flags_by_stage_on_a_screen(flag):
   titles = [title for title, _ in cli.FLAG_GROUPS]
   assert titles[1:] == ["data", "model", "loss", "optimisation",
                         "distribution", "linear evaluation",
-                        "export / report"]
+                        "export / report", "any other setting"]
   starts = [lines.index(f"{title}:") for title in titles]
   assert starts == sorted(starts)
   for begin, end in zip(starts, starts[1:] + [len(lines)]):
@@ -283,6 +283,27 @@ def test_train_examples_flag_reaches_the_data_config(monkeypatch):
   finally:
     cli.FLAGS.unparse_flags()
   assert resolve(None, monkeypatch)[0].data.train_examples is None
+
+def _configs_of(argv):
+  cli.FLAGS(["supcon-tf", "--workdir=unused", *argv])
+  try:
+    return cli.train_config(), cli.linear_config()
+  finally:
+    cli.FLAGS.unparse_flags()
+
+
+def test_set_overrides_any_field():
+  train, linear = _configs_of([
+      "--temperature=0.2", "--set=loss.block_size=512",
+      "--set=loss.scale_by_temperature=false",
+      "--set=linear.learning_rates=[0.1]", "--set=linear.epochs=2"])
+  assert train.loss.block_size == 512
+  assert train.loss.scale_by_temperature is False
+  assert train.loss.temperature == 0.2  # Flags still apply.
+  assert list(linear.learning_rates) == [0.1] and linear.epochs == 2
+  with pytest.raises(ValueError, match="loss has no 'tau'"):
+    _configs_of(["--set=loss.tau=1"])
+
 
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
