@@ -182,6 +182,9 @@ class Trainer:
           loss = self.optimizer.scale_loss(loss)
       variables = self.trainable_variables
       grads = tape.gradient(loss, variables)
+      if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+        # An overflow on any replica must skip the step on all of them.
+        grads = distributed.agree_on_finite(grads)
       self.optimizer.apply_gradients(zip(grads, variables))
     # Health metrics are per-replica means: weight them to average later.
     replicas = float(self.strategy.num_replicas_in_sync)

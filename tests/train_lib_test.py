@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -52,13 +53,13 @@ def strategy_for(replicas):
   return conftest.make_mirrored(replicas)
 
 
-def make_trainer(replicas, config, initial=None):
+def make_trainer(replicas, config, initial=None, encoder=None):
   """A Trainer on `replicas` logical CPUs (or on a given strategy)."""
   strategy = (replicas if isinstance(replicas, tf.distribute.Strategy)
               else strategy_for(replicas))
   trainer = train_lib.Trainer(
       config, strategy, num_classes=3,
-      input_shape=(IMAGE, IMAGE, 3), steps_per_epoch=10)
+      input_shape=(IMAGE, IMAGE, 3), steps_per_epoch=10, encoder=encoder)
   if initial is not None:
     for var, value in zip(trainer.encoder.weights + trainer.head.weights,
                           initial):
@@ -144,6 +145,44 @@ def test_mixed_precision_tracks_float32(reference, precision):
   got = train(trainer, 3)
   assert np.all(np.isfinite(got))
   np.testing.assert_allclose(got, losses, rtol=0.05, atol=0.05)
+
+
+def replica_values(variables, strategy):
+  """`[variable][replica]` numpy values of each replica's copy."""
+  # A Keras variable's `value` is the tf.distribute (mirrored) variable.
+  return [[c.numpy() for c in strategy.experimental_local_results(v.value)]
+          for v in variables]
+
+
+def test_float16_overflow_on_one_replica_skips_the_step_everywhere():
+  strategy = conftest.make_mirrored(2)
+  overflow = tf.Variable(True, trainable=False)
+  with strategy.scope():
+    encoder = keras.Sequential([
+        keras.Input((IMAGE, IMAGE, 3)), keras.layers.Flatten(),
+        keras.layers.Dense(16),
+        conftest.InfGradientOnReplica(1, overflow)])
+  trainer = make_trainer(strategy, tiny_config(precision="mixed_float16"),
+                         encoder=encoder)
+  variables = trainer.encoder.weights + trainer.head.weights
+  scale = trainer.optimizer.dynamic_scale
+  start_scale = float(scale.numpy())
+  before = replica_values(variables, strategy)
+
+  train(trainer, 1)  # inf gradients on replica 1 only: skipped everywhere
+  for copies, initial in zip(replica_values(variables, strategy), before):
+    for copy in copies:
+      np.testing.assert_array_equal(copy, initial[0])
+  assert replica_values([scale], strategy) == [[start_scale / 2] * 2]
+
+  overflow.assign(False)
+  train(trainer, 1)  # a clean step is applied, identically on both replicas
+  after = replica_values(variables, strategy)
+  for copies in after:
+    assert np.all(np.isfinite(copies[0]))
+    np.testing.assert_array_equal(copies[1], copies[0])
+  assert not all(np.array_equal(a[0], b[0]) for a, b in zip(after, before))
+  assert replica_values([scale], strategy) == [[start_scale / 2] * 2]
 
 
 def synthetic_dataset_fn(context):
