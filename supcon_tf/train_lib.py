@@ -6,9 +6,9 @@ gradient flows back through the gather. Per-replica losses are partial sums
 normalised by the global count, so the optimizer's cross-replica gradient sum
 equals the single-device gradient of the global batch.
 
-Methods: `supcon`, `simclr`, `npairs` (baseline; one view, contrasted within
-each replica's batch) and `ce` (encoder + linear head, cross-entropy), all on
-the same loop so that they compare on identical code.
+Methods: `supcon`, `simclr`, `npairs` (baseline; one view, also contrasted
+against the gathered global batch) and `ce` (encoder + linear head,
+cross-entropy), all on the same loop so that they compare on identical code.
 """
 
 from __future__ import annotations
@@ -160,7 +160,8 @@ class Trainer:
       embeddings = tf.reshape(outputs, [batch, num_views, outputs.shape[-1]])
       if method == "npairs":
         per_sample = losses.npairs_loss(
-            embeddings, labels, temperature=self.config.loss.temperature)
+            embeddings, labels, temperature=self.config.loss.temperature,
+            gather=True)
         valid = tf.ones_like(per_sample, tf.bool)
       else:
         per_sample, valid = losses.supcon_terms(

@@ -127,7 +127,7 @@ def test_without_gather_differs(reference, monkeypatch):
                  for g, w in zip(weights(trainer), final))
 
 
-@pytest.mark.parametrize("method", ["simclr", "ce"])
+@pytest.mark.parametrize("method", ["simclr", "npairs", "ce"])
 def test_other_methods_replicas_match_single_device(method):
   single = make_trainer(1, tiny_config(method))
   initial = weights(single)
