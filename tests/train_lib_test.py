@@ -138,13 +138,40 @@ def test_other_methods_replicas_match_single_device(method):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
-def test_mixed_precision_tracks_float32(reference, precision):
-  initial, losses, _ = reference
+@pytest.fixture(scope="module")
+def one_step_float32():
+  """Seeded initial weights and the float32 weights after one step."""
+  keras.utils.set_random_seed(0)
+  trainer = make_trainer(1, tiny_config())
+  initial = weights(trainer)
+  train(trainer, 1)
+  return initial, weights(trainer)
+
+
+# Relative error of a mixed run's first weight update against float32's; a
+# run that does not train has error 1, one with a 1.5x update 0.5. Measured
+# with this seed: 0.036 (bfloat16), 0.0043 (float16). The tiny ResNet's
+# error depends on the initial weights (up to 0.21 and 0.11 over seeds 0-3),
+# and compounds over several steps, hence one seeded step.
+@pytest.mark.parametrize("precision,tolerance", [("mixed_bfloat16", 0.15),
+                                                 ("mixed_float16", 0.05)])
+def test_mixed_precision_tracks_float32(one_step_float32, precision,
+                                        tolerance):
+  initial, final = one_step_float32
   trainer = make_trainer(1, tiny_config(precision=precision), initial)
-  got = train(trainer, 3)
-  assert np.all(np.isfinite(got))
-  np.testing.assert_allclose(got, losses, rtol=0.05, atol=0.05)
+  assert np.all(np.isfinite(train(trainer, 1)))
+  # The weight update, not the loss: a run whose updates are tiny or wrong
+  # still has losses close to the float32 run's after a few steps.
+  trainable = [v.trainable for v in trainer.encoder.weights +
+               trainer.head.weights]
+
+  def update(values):
+    return np.concatenate([(w - w0).ravel() for w, w0, t in
+                           zip(values, initial, trainable) if t])
+
+  got, want = update(weights(trainer)), update(final)
+  error = np.linalg.norm(got - want) / np.linalg.norm(want)
+  assert error < tolerance, error
 
 
 def replica_values(variables, strategy):
