@@ -312,6 +312,15 @@ def test_two_worker_pretrain_writes_chief_checkpoint(tmp_path):
   assert np.isfinite(losses).all() and losses[0] == pytest.approx(losses[1])
 
 
+def test_jit_compile_with_cpu_replicas_is_refused():
+  config = tiny_config(jit_compile=True)
+  with pytest.raises(ValueError, match=r"jit_compile=True.*MirroredStrategy "
+                     r"\(--strategy\) over 2 replicas.*Drop --jit_compile"):
+    make_trainer(2, config)
+  train_lib.check_jit_compile(True, tf.distribute.get_strategy())
+  train_lib.check_jit_compile(False, conftest.make_mirrored(2))
+
+
 def test_batch_not_divisible_by_replicas():
   with pytest.raises(ValueError, match="not divisible by the 3 replicas"):
     train_lib.check_batch(8, 3)
