@@ -193,7 +193,8 @@ class TrainConfig:
     steps_per_loop: steps run inside one `tf.function` call; checkpoints,
       summaries and the progress bar update between loops.
     checkpoint_every: steps between checkpoints (rounded up to loops).
-    jit_compile: XLA-compile the training step.
+    jit_compile: XLA-compile the training step (one device, or replicas
+      that are all GPUs; refused for several CPU replicas).
     precision: `float32`, `mixed_bfloat16` or `mixed_float16`.
     deterministic: enable TF op determinism (reproducible, slower).
   """

@@ -78,6 +78,52 @@ def all_reduce_sum(x: tf.Tensor) -> tf.Tensor:
   return ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.stop_gradient(x))
 
 
+def agree_on_finite(grads):
+  """Makes every replica's gradients non-finite when any replica's are.
+
+  `keras.optimizers.LossScaleOptimizer` decides to apply a step (or to skip
+  it and halve the loss scale) from the gradients it is given, assuming they
+  are all-reduced already: under `MirroredStrategy` it reads replica 0's
+  decision, elsewhere each replica decides alone. Keras optimizers only sum
+  the gradients after that decision, so an overflow on one replica would be
+  summed into the applied update (or replicas would disagree). Passing the
+  gradients through this first makes all replicas skip together.
+
+  Args:
+    grads: list of this replica's gradients (tensors, `IndexedSlices` or
+      None).
+
+  Returns:
+    `grads` unchanged when every replica's are finite, else the same
+    structure filled with NaN; `grads` itself outside a multi-replica
+    context.
+  """
+  ctx = _replica_context()
+  if ctx is None:
+    return grads
+  values = [g.values if isinstance(g, tf.IndexedSlices) else g
+            for g in grads if g is not None]
+  if not values:
+    return grads
+  finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
+                          for v in values])
+  bad_replicas = all_reduce_sum(1.0 - tf.cast(finite, tf.float32))
+  all_finite = tf.equal(bad_replicas, 0.0)
+
+  def poison(x):
+    return tf.where(all_finite, x, tf.constant(float("nan"), x.dtype))
+
+  out = []
+  for g in grads:
+    if g is None:
+      out.append(None)
+    elif isinstance(g, tf.IndexedSlices):
+      out.append(tf.IndexedSlices(poison(g.values), g.indices, g.dense_shape))
+    else:
+      out.append(poison(g))
+  return out
+
+
 def make_strategy(name: str = "default", devices=None, *,
                   collective_key_base: Optional[int] = None
                   ) -> tf.distribute.Strategy:

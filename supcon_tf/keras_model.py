@@ -59,7 +59,9 @@ class SupConModel(keras.Model):
 
   Mixed precision: build the model under a mixed global policy;
   `compile()` wraps the optimizer in a `LossScaleOptimizer` for
-  `mixed_float16`, and the loss is computed in float32.
+  `mixed_float16`, and the loss is computed in float32. A non-finite
+  gradient on any replica skips the step (and halves the loss scale) on
+  every replica.
 
   Args:
     encoder: Keras model mapping images `[batch, H, W, C]` to
@@ -133,6 +135,9 @@ class SupConModel(keras.Model):
       scaled = self.optimizer.scale_loss(loss)
     variables = self.trainable_variables
     gradients = tape.gradient(scaled, variables)
+    if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+      # An overflow on any replica must skip the step on all of them.
+      gradients = distributed.agree_on_finite(gradients)
     self.optimizer.apply_gradients(zip(gradients, variables))
     return logs
 

@@ -381,7 +381,7 @@ def _dense_terms(anchors, contrast, same, offset, temperature, summation,
   return loss, valid_views > 0
 
 
-def npairs_loss(features, labels, *, temperature=1.0):
+def npairs_loss(features, labels, *, temperature=1.0, gather=False):
   """The multi-class N-pairs loss used by the original SupCon Keras notebook.
 
   One view per sample; the similarity matrix keeps its diagonal, so each
@@ -395,10 +395,15 @@ def npairs_loss(features, labels, *, temperature=1.0):
       L2-normalised; computed in float32.
     labels: `[batch]` integer class ids.
     temperature: softmax temperature > 0.
+    gather: inside a `tf.distribute` replica context, contrast the local
+      rows against the global batch gathered from all replicas (gradients
+      flow back through the gather), so each row's loss is its row of the
+      global batch's loss. A no-op on one replica.
 
   Returns:
     `[batch]` float32 softmax cross-entropy of each row against the uniform
-    distribution over the samples sharing its label (itself included).
+    distribution over the samples sharing its label (itself included), over
+    the local batch or, with `gather`, the global one.
   """
   features = tf.convert_to_tensor(features)
   if features.shape.rank == 3 and features.shape[1] == 1:
@@ -413,8 +418,14 @@ def npairs_loss(features, labels, *, temperature=1.0):
   if labels.dtype == tf.bool:
     raise ValueError("npairs_loss takes [batch] class ids, not multi-hot.")
   features = tf.cast(features, tf.float32)
-  logits = tf.matmul(features, features, transpose_b=True) / temperature
-  targets = tf.cast(tf.equal(labels[:, None], labels[None, :]), tf.float32)
+  contrast, contrast_labels = features, labels
+  if gather:
+    contrast = tf.ensure_shape(distributed.all_gather(features),
+                               [None, features.shape[-1]])
+    contrast_labels = distributed.all_gather(labels)
+  logits = tf.matmul(features, contrast, transpose_b=True) / temperature
+  targets = tf.cast(tf.equal(labels[:, None], contrast_labels[None, :]),
+                    tf.float32)
   targets /= tf.reduce_sum(targets, 1, keepdims=True)
   return tf.nn.softmax_cross_entropy_with_logits(targets, logits)
 

@@ -6,9 +6,9 @@ gradient flows back through the gather. Per-replica losses are partial sums
 normalised by the global count, so the optimizer's cross-replica gradient sum
 equals the single-device gradient of the global batch.
 
-Methods: `supcon`, `simclr`, `npairs` (baseline; one view, contrasted within
-each replica's batch) and `ce` (encoder + linear head, cross-entropy), all on
-the same loop so that they compare on identical code.
+Methods: `supcon`, `simclr`, `npairs` (baseline; one view, also contrasted
+against the gathered global batch) and `ce` (encoder + linear head,
+cross-entropy), all on the same loop so that they compare on identical code.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ class Trainer:
                strategy: tf.distribute.Strategy, *, num_classes: int,
                input_shape, steps_per_epoch: int,
                encoder: Optional[keras.Model] = None):
+    check_jit_compile(config.jit_compile, strategy)
     self.config = config
     self.strategy = strategy
     self.num_classes = num_classes
@@ -162,7 +163,8 @@ class Trainer:
       embeddings = tf.reshape(outputs, [batch, num_views, outputs.shape[-1]])
       if method == "npairs":
         per_sample = losses.npairs_loss(
-            embeddings, labels, temperature=self.config.loss.temperature)
+            embeddings, labels, temperature=self.config.loss.temperature,
+            gather=True)
         valid = tf.ones_like(per_sample, tf.bool)
       else:
         per_sample, valid = losses.supcon_terms(
@@ -184,6 +186,9 @@ class Trainer:
           loss = self.optimizer.scale_loss(loss)
       variables = self.trainable_variables
       grads = tape.gradient(loss, variables)
+      if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+        # An overflow on any replica must skip the step on all of them.
+        grads = distributed.agree_on_finite(grads)
       self.optimizer.apply_gradients(zip(grads, variables))
     # Health metrics are per-replica means: weight them to average later.
     replicas = float(self.strategy.num_replicas_in_sync)
@@ -264,6 +269,30 @@ def check_batch(global_batch: int, replicas: int) -> None:
         f"batch_size={global_batch} is not divisible by the {replicas} "
         f"replicas; use a multiple of {replicas}, e.g. "
         f"{replicas * max(1, global_batch // replicas)}.")
+
+
+def check_jit_compile(jit_compile: bool,
+                      strategy: tf.distribute.Strategy) -> None:
+  """Refuses XLA for replicas that are not all GPUs.
+
+  On such devices TensorFlow synchronises replicas (sync batch norm, the
+  gradient all-reduce) through `merge_call`, which an XLA-compiled replica
+  step cannot contain: it fails with "Trying to access resource ... located
+  in device CPU:1 from device CPU:0". On GPUs the replicas synchronise
+  without `merge_call` under XLA.
+  """
+  if not jit_compile or strategy.num_replicas_in_sync == 1:
+    return
+  devices = list(strategy.extended.worker_devices)
+  if all(tf.DeviceSpec.from_string(d).device_type == "GPU" for d in devices):
+    return
+  raise ValueError(
+      f"jit_compile=True (--jit_compile) cannot run with "
+      f"{type(strategy).__name__} (--strategy) over "
+      f"{strategy.num_replicas_in_sync} replicas on non-GPU devices "
+      f"{devices}: TensorFlow synchronises such replicas with merge_call, "
+      "which XLA cannot compile. Drop --jit_compile, or use "
+      "--strategy=default to XLA-compile on one device.")
 
 
 def _check_writable(workdir: str) -> None:

@@ -47,6 +47,13 @@ def _assert_same(got, want, context=""):
                                  err_msg=f"{name} {context}")
 
 
+def _assert_grad_close(got, want, tol=1e-4):
+  """Gradients equal up to `tol` relative to the largest entry of `want`."""
+  scale = np.abs(want).max()
+  assert scale > 0, "a zero gradient cannot tell right from wrong"
+  np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)
+
+
 @pytest.mark.parametrize("summation,denominator",
                          list(itertools.product(SUMMATIONS, DENOMINATORS)))
 def test_matches_dense_every_mode(summation, denominator):
@@ -353,7 +360,10 @@ def test_4096_rows_completes_and_matches_dense(block_size):
   labels = _labels(2048, 10)
   want = _loss_and_grad(features, labels, block_size=0)
   got = _loss_and_grad(features, labels, block_size=block_size)
-  _assert_same(got, want)
+  _assert_same(got[:2], want[:2])
+  # The mean over 2,048 samples makes most gradient entries smaller than
+  # TOL, so an absolute TOL would pass a wrong gradient: scale it.
+  _assert_grad_close(got[2], want[2])
 
 
 def test_keras_loss_config_round_trip():

@@ -5,6 +5,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -61,3 +62,32 @@ def mock_tfds(tmp_path, name="cifar10", num_examples=12, num_train=20,
   with tfds.testing.mock_data(num_examples=num_examples,
                               data_dir=str(metadata_dir)):
     yield
+
+
+class InfGradientOnReplica(keras.layers.Layer):
+  """Identity whose backward pass sends inf on one replica while `active`.
+
+  Injects an overflow into one replica's gradients only (the layers below
+  it), as float16 loss scaling produces when one replica's batch overflows.
+
+  Args:
+    replica: the replica id whose gradients become inf.
+    active: a boolean `tf.Variable`; set it False for clean steps.
+  """
+
+  def __init__(self, replica, active, **kwargs):
+    super().__init__(**kwargs)
+    self.replica = replica
+    # A closure: Keras would track a variable attribute as a weight.
+    self._active = active.read_value
+
+  def call(self, x):
+    @tf.custom_gradient
+    def identity(x):
+      def grad(dy):
+        ctx = tf.distribute.get_replica_context()
+        here = tf.equal(ctx.replica_id_in_sync_group, self.replica)
+        return tf.where(here & self._active(),
+                        tf.constant(float("inf"), dy.dtype), dy)
+      return tf.identity(x), grad
+    return identity(x)

@@ -41,6 +41,22 @@ def test_helpers_are_identity_outside_a_strategy():
   assert float(distributed.all_reduce_sum(tf.constant(3.0))) == 3.0
 
 
+def test_agree_on_finite():
+  grads = [tf.constant([1.0, 2.0]), None]
+  assert distributed.agree_on_finite(grads) is grads
+  strategy = conftest.make_mirrored(2)
+
+  def step(bad_replica):
+    rid = tf.distribute.get_replica_context().replica_id_in_sync_group
+    grad = tf.where(tf.equal(rid, bad_replica), float("inf"), 1.0)
+    return distributed.agree_on_finite([tf.fill([3], grad), None])[0]
+
+  for bad_replica, want in ((-1, 1.0), (1, np.nan)):
+    out = strategy.run(tf.function(step), args=(bad_replica,))
+    for local in strategy.experimental_local_results(out):
+      np.testing.assert_array_equal(local.numpy(), [want] * 3)
+
+
 def test_is_chief_without_cluster():
   assert distributed.is_chief(tf.distribute.get_strategy())
   assert distributed.is_chief(conftest.make_mirrored(2))

@@ -281,5 +281,47 @@ def test_mixed_precision(mixed_float16):
   assert not all(np.allclose(a, b) for a, b in zip(before, weights(model)))
 
 
+def test_float16_overflow_on_one_replica_skips_the_step_everywhere(
+    mixed_float16):
+  del mixed_float16
+  strategy = conftest.make_mirrored(2)
+  overflow = tf.Variable(True, trainable=False)
+  with strategy.scope():
+    encoder = keras.Sequential([
+        keras.Input((IMAGE, IMAGE, 3)), keras.layers.Flatten(),
+        keras.layers.Dense(16),
+        conftest.InfGradientOnReplica(1, overflow)])
+    model = keras_model.SupConModel(encoder,
+                                    models.ProjectionHead(output_dim=DIM))
+    model.build((None, VIEWS, IMAGE, IMAGE, 3))
+    model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE),
+                  loss=losses.SupConLoss(temperature=0.1))
+    model.optimizer.build(model.trainable_variables)
+  assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+
+  def replica_values(variables):
+    # A Keras variable's `value` is the tf.distribute (mirrored) variable.
+    return [[c.numpy() for c in strategy.experimental_local_results(v.value)]
+            for v in variables]
+
+  scale = model.optimizer.dynamic_scale
+  start_scale = float(scale.numpy())
+  before = replica_values(model.weights)
+  fit_one_step(model, *global_batch())  # inf gradients on replica 1 only
+  for copies, initial in zip(replica_values(model.weights), before):
+    for copy in copies:
+      np.testing.assert_array_equal(copy, initial[0])
+  assert replica_values([scale]) == [[start_scale / 2] * 2]
+
+  overflow.assign(False)
+  fit_one_step(model, *global_batch())  # a clean step is applied everywhere
+  after = replica_values(model.weights)
+  for copies in after:
+    assert np.all(np.isfinite(copies[0]))
+    np.testing.assert_array_equal(copies[1], copies[0])
+  assert not all(np.array_equal(a[0], b[0]) for a, b in zip(after, before))
+  assert replica_values([scale]) == [[start_scale / 2] * 2]
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import conftest
 from supcon_tf import losses
 
 LN3 = math.log(3.0)
@@ -733,6 +734,50 @@ def test_npairs_matches_reference(seed, batch, temperature):
   np.testing.assert_allclose(
       _np(losses.npairs_loss(features[:, None], labels,
                              temperature=temperature)), _np(got), rtol=1e-6)
+
+
+def test_npairs_gather_gives_the_global_batch_gradient():
+  """2-replica loss shares and summed gradients equal one device's."""
+  strategy = conftest.make_mirrored(2)
+  rng = np.random.default_rng(21)
+  batch, half = 10, 5
+  features = _normalised(rng, (batch, 6))
+  labels = rng.integers(0, 3, batch).astype(np.int32)
+  kernel = rng.normal(size=(6, 6)).astype(np.float32)
+
+  def shard(x):
+    return strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(x[ctx.replica_id_in_sync_group * half:
+                                  (ctx.replica_id_in_sync_group + 1) * half]))
+
+  with strategy.scope():
+    weight = tf.Variable(kernel)
+
+  def loss_of(x, y):
+    # A weight shared by all rows, as in a model: its gradient sums rows.
+    z = tf.math.l2_normalize(tf.matmul(x, weight), axis=-1)
+    per_sample = losses.npairs_loss(z, y, temperature=0.5, gather=True)
+    return tf.reduce_sum(per_sample) / batch
+
+  @tf.function
+  def step(x, y):
+    def replica_fn(x, y):
+      with tf.GradientTape() as tape:
+        loss = loss_of(x, y)
+      return loss, tape.gradient(loss, weight)
+    return strategy.run(replica_fn, args=(x, y))
+
+  shares, grads = step(shard(features), shard(labels))
+  total = sum(float(t) for t in strategy.experimental_local_results(shares))
+  grad = sum(g.numpy() for g in strategy.experimental_local_results(grads))
+
+  one = tf.Variable(kernel)
+  with tf.GradientTape() as tape:
+    z = tf.math.l2_normalize(tf.matmul(tf.constant(features), one), axis=-1)
+    want = tf.reduce_mean(losses.npairs_loss(z, labels, temperature=0.5))
+  np.testing.assert_allclose(total, float(want), rtol=1e-5)
+  np.testing.assert_allclose(grad, tape.gradient(want, one).numpy(),
+                             rtol=1e-4, atol=1e-6)
 
 
 def test_npairs_differs_from_supcon_with_one_view():

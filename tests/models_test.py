@@ -251,6 +251,23 @@ def test_head_unit_norm_float32_under_mixed_bfloat16(mixed_bfloat16):
   assert symbolic.dtype == "float32"
 
 
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_head_projection_runs_in_float32(mixed_bfloat16, kind):
+  head = models.ProjectionHead(kind=kind, output_dim=8)
+  # bfloat16 values, so the head's cast of its input loses nothing.
+  x = np.asarray(keras.ops.cast(keras.ops.cast(
+      np.random.default_rng(4).normal(size=(6, 16)), "bfloat16"), "float32"))
+  z = np.asarray(head(x))
+  assert head.projection.compute_dtype == "float32"
+  # The same last layer on the same input, computed in float64 by hand.
+  inputs = x if head.hidden is None else np.asarray(
+      keras.ops.cast(head.hidden(x), "float32"))
+  y = (inputs.astype(np.float64) @ head.projection.kernel.numpy()
+       + head.projection.bias.numpy())
+  want = y / np.linalg.norm(y, axis=-1, keepdims=True)
+  np.testing.assert_allclose(z, want, rtol=1e-5, atol=1e-6)
+
+
 def test_head_zero_vector_is_finite():
   head = models.ProjectionHead(kind="linear", output_dim=4)
   head.build((None, 3))

@@ -12,9 +12,11 @@ class ProjectionHead(keras.layers.Layer):
 
   `kind="mlp"` is Dense(hidden) -> ReLU -> Dense(output_dim), the head of the
   paper (no batch norm); `kind="linear"` is a single Dense(output_dim). The
-  output is L2-normalised along the last axis in float32, whatever the dtype
-  policy, because the contrastive loss divides dot products by a small
-  temperature.
+  last Dense layer and the L2 normalisation along the last axis run in
+  float32, whatever the dtype policy (the hidden layer follows the policy),
+  because the contrastive loss divides dot products by a small temperature:
+  embeddings rounded to bfloat16 before normalising would carry that
+  rounding into every logit.
 
   Args:
     kind: `"mlp"` or `"linear"`.
@@ -58,8 +60,10 @@ class ProjectionHead(keras.layers.Layer):
           units, activation="relu", dtype=self.dtype_policy, name="hidden")
       self.hidden.build(input_shape)
       input_shape = tuple(input_shape[:-1]) + (units,)
+    # float32 like the loss; its float32 weights are the same under any
+    # policy, so checkpoints do not change.
     self.projection = keras.layers.Dense(
-        self.output_dim, dtype=self.dtype_policy, name="projection")
+        self.output_dim, dtype="float32", name="projection")
     self.projection.build(input_shape)
 
   def call(self, inputs):
@@ -72,8 +76,7 @@ class ProjectionHead(keras.layers.Layer):
       float32 embeddings `[batch, output_dim]` with unit L2 norm.
     """
     x = inputs if self.hidden is None else self.hidden(inputs)
-    x = self.projection(x)
-    x = ops.cast(x, "float32")
+    x = self.projection(ops.cast(x, "float32"))
     return ops.normalize(x, axis=-1, order=2, epsilon=1e-12)
 
   def get_config(self):
