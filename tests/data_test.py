@@ -15,7 +15,8 @@ import conftest
 from supcon_tf import config
 from supcon_tf import data
 
-SHARED_TFDS = "/work/shared/tensorflow_datasets"
+# The prepared TFDS data, where CI (`.ci/run`) and users point TFDS_DATA_DIR.
+TFDS_DATA_DIR = os.environ.get("TFDS_DATA_DIR")
 
 
 def _cfg(**kwargs):
@@ -240,15 +241,18 @@ def test_bad_split_name(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_TFDS, "cifar10")),
-                    reason="offline CIFAR-10 copy not present")
+@pytest.mark.skipif(not TFDS_DATA_DIR, reason="TFDS_DATA_DIR is not set")
 def test_offline_cifar10_info():
-  info = data.dataset_info(config.DataConfig(data_dir=SHARED_TFDS))
+  # Set but without cifar10 is a broken set-up, not a reason to skip.
+  assert os.path.isdir(os.path.join(TFDS_DATA_DIR, "cifar10")), (
+      f"TFDS_DATA_DIR={TFDS_DATA_DIR} holds no cifar10/: prepare it there "
+      "or unset TFDS_DATA_DIR.")
+  info = data.dataset_info(config.DataConfig(data_dir=TFDS_DATA_DIR))
   assert info.num_classes == 10
   assert info.class_names[0] == "airplane"
   assert (info.num_train, info.num_val, info.num_test) == (45000, 5000, 10000)
   (images, labels), = _batches(
-      data.eval_dataset(config.DataConfig(data_dir=SHARED_TFDS), "test",
+      data.eval_dataset(config.DataConfig(data_dir=TFDS_DATA_DIR), "test",
                         batch_size=8), 1)
   assert images.shape == (8, 32, 32, 3) and labels.dtype == np.int32
 
