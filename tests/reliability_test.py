@@ -34,14 +34,19 @@ TensorFlow import (~10 s on a busy 2-core machine), so tests start them
 together where they can.
 """
 
+import contextlib
+import errno
 import functools
 import json
 import os
+import pwd
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -491,26 +496,45 @@ def test_unwritable_work_dir_is_a_clear_error(tmp_path):
   assert blocker.read_text() == "results"
 
 
-def test_read_only_work_dir(tmp_path):
-  workdir = tmp_path / "run"
-  workdir.mkdir()
-  workdir.chmod(0o555)
+@contextlib.contextmanager
+def _unprivileged():
+  """Runs the body as user `nobody` when the tests run as root.
+
+  Root ignores permission bits. Only the effective ids change, so the body
+  ends as root again; any thread writing files meanwhile would write as
+  `nobody`.
+  """
+  if os.geteuid() != 0:
+    yield
+    return
+  nobody = pwd.getpwnam("nobody")
+  os.setegid(nobody.pw_gid)
+  os.seteuid(nobody.pw_uid)
   try:
-    probe = workdir / "probe"
-    try:
-      probe.write_text("")
-    except PermissionError:
-      pass
-    else:
-      pytest.skip("permission bits are not enforced for this user (root); "
-                  "test_unwritable_work_dir_is_a_clear_error covers a work "
-                  "dir that cannot be written")
-    with pytest.raises(train_lib.TrainingError, match="not writable"):
-      train_lib.pretrain(driver.tiny_config(), str(workdir),
-                         dataset_fn=driver.dataset_fn, verbose=False)
+    yield
+  finally:
+    os.seteuid(0)
+    os.setegid(0)
+
+
+def test_read_only_work_dir():
+  # Not under tmp_path: pytest makes its base directory private to root.
+  parent = tempfile.mkdtemp(prefix="read-only-")
+  os.chmod(parent, 0o755)
+  workdir = os.path.join(parent, "run")
+  os.mkdir(workdir, 0o555)
+  os.chmod(workdir, 0o555)  # Whatever the umask.
+  try:
+    with _unprivileged():
+      with pytest.raises(PermissionError):
+        open(os.path.join(workdir, "probe"), "w").close()
+      with pytest.raises(train_lib.TrainingError, match="not writable"):
+        train_lib.pretrain(driver.tiny_config(), workdir,
+                           dataset_fn=driver.dataset_fn, verbose=False)
     assert os.listdir(workdir) == []
   finally:
-    workdir.chmod(0o755)
+    os.chmod(workdir, 0o755)
+    shutil.rmtree(parent)
 
 
 def test_resume_with_changed_setting_names_it(tmp_path):
