@@ -458,6 +458,40 @@ def summary_table(report: dict, workdir: str) -> str:
   return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 
 
+def check_prerequisites(mode: str, workdir: str) -> None:
+  """Refuses a stage whose inputs `workdir` lacks, naming the mode making them.
+
+  Raises:
+    UsageError: for `linear_eval`, `export` and `evaluate` without a
+      pretraining configuration and checkpoint, and for `export` and
+      `evaluate` without the linear classifier.
+  """
+  if mode not in ("linear_eval", "export", "evaluate"):
+    return
+  # Called after `_split_cpu`, which imports TensorFlow.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from supcon_tf import rundir  # pylint: disable=g-import-not-at-top
+  pretrain_dir = rundir.pretrain_dir(workdir)
+  checkpoints = rundir.checkpoints_dir(pretrain_dir)
+  try:
+    state = tf.train.get_checkpoint_state(checkpoints)
+  except (ValueError, tf.errors.OpError):
+    state = None  # An unreadable index: as good as none.
+  listed = [] if state is None else state.all_model_checkpoint_paths
+  if not any(os.path.exists(os.path.join(
+      checkpoints, f"{os.path.basename(p)}.index")) for p in listed):
+    raise UsageError(f"no pretraining checkpoint in {checkpoints}: run "
+                     "--mode=pretrain (or all) first.")
+  config_path = os.path.join(pretrain_dir, rundir.CONFIG_FILE)
+  if not os.path.exists(config_path):
+    raise UsageError(f"no pretraining configuration {config_path} beside "
+                     "the checkpoints: run --mode=pretrain (or all) first.")
+  classifier = rundir.classifier_path(workdir)
+  if mode != "linear_eval" and not os.path.exists(classifier):
+    raise UsageError(f"no linear classifier {classifier}: run "
+                     "--mode=linear_eval (or all) first.")
+
+
 def _load_classifier(workdir):
   import keras  # pylint: disable=g-import-not-at-top
   from supcon_tf import rundir  # pylint: disable=g-import-not-at-top
@@ -483,11 +517,17 @@ def main(argv):
   try:
     config = train_config()  # Validates every training flag up front.
     linear_config()
-    os.makedirs(workdir, exist_ok=True)
   except (ValueError, OSError) as e:
     _fail(e)
   # Only now TensorFlow (seconds to import): flag errors come at once.
   _split_cpu(FLAGS.cpu_devices)
+  try:
+    # Before anything is created: a stage without its inputs leaves the
+    # work dir (or its absence) as it was.
+    check_prerequisites(FLAGS.mode, workdir)
+    os.makedirs(workdir, exist_ok=True)
+  except (ValueError, OSError) as e:
+    _fail(e)
   logging.get_absl_handler().use_absl_log_file("supcon_tf", workdir)
   logging.info("Configuration: %s", config_lib.to_json(config))
   # With --json, stdout carries the JSON alone: progress goes to stderr.

@@ -9,7 +9,8 @@
    `TrainingError` naming the step, the last checkpoint is the last good one,
    and the command line exits 1.
 4. Same seed and configuration, same loss trajectory; another seed, another.
-5. Bad inputs fail with one clear line and exit 1 before anything is written.
+5. Bad inputs fail with one clear line and exit 1 before anything is written,
+   also later stages run on a work dir without their inputs.
 6. Serving errors: see `export_test.py` (`test_wrong_dtype_tensor_is_rejected`,
    `test_wrong_shape_is_rejected` for rank, image size and channels,
    `test_wrong_bytes_rank_is_rejected`, `test_undecodable_bytes_raise`,
@@ -35,7 +36,6 @@ together where they can.
 """
 
 import contextlib
-import errno
 import functools
 import json
 import os
@@ -429,6 +429,23 @@ def test_exploding_learning_rate_stops_before_saving(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------
+# 3b. Damaged checkpoints and a full disk: a stopped run to start from.
+
+
+def _six_steps():
+  return driver.tiny_config(steps=6)
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+  """A 6-step run stopped at step 4 (checkpoints 2 and 4), ckpt-4's tensors."""
+  workdir = tmp_path_factory.mktemp("four_steps")
+  train_lib.pretrain(_six_steps(), str(workdir), dataset_fn=driver.dataset_fn,
+                     stop_at_step=4, verbose=False)
+  return workdir, checkpoint_tensors(str(workdir / "checkpoints" / "ckpt-4"))
+
+
+# ----------------------------------------------------------------------------
 # 4. Reproducibility.
 
 
@@ -695,6 +712,70 @@ def test_command_line_rejects_unknown_flag_value(cli_runs):
   result = cli_runs["flag_value"]
   assert result["rc"] == 1 and result["unchanged"]
   assert "flag --method=supcom: value should be one of" in result["stderr"]
+
+
+def _everything_in(directory):
+  """Every path under `directory`, directories and logs included."""
+  if not os.path.exists(directory):
+    return None
+  return sorted(os.path.relpath(os.path.join(root, name), directory)
+                for root, dirs, files in os.walk(directory)
+                for name in dirs + files)
+
+
+def test_later_stages_name_what_is_missing_and_the_mode_making_it(
+    tmp_path, four_steps):
+  from supcon_tf import cli  # pylint: disable=g-import-not-at-top
+  foreign = tmp_path / "foreign"
+  (foreign / "pretrain" / "checkpoints").mkdir(parents=True)
+  (foreign / "notes.txt").write_text("not a run")
+  for workdir in (tmp_path / "missing", tmp_path, foreign):
+    for mode in ("linear_eval", "export", "evaluate"):
+      with pytest.raises(cli.UsageError) as error:
+        cli.check_prerequisites(mode, str(workdir))
+      assert str(error.value) == (
+          f"no pretraining checkpoint in {workdir}/pretrain/checkpoints: run "
+          "--mode=pretrain (or all) first.")
+  pretrained = tmp_path / "pretrained"
+  shutil.copytree(four_steps[0], pretrained / "pretrain")
+  cli.check_prerequisites("linear_eval", str(pretrained))
+  for mode in ("export", "evaluate"):
+    with pytest.raises(cli.UsageError, match=(
+        r"no linear classifier .*/linear_eval/classifier.keras: run "
+        r"--mode=linear_eval \(or all\) first")):
+      cli.check_prerequisites(mode, str(pretrained))
+  os.remove(pretrained / "pretrain" / "config.json")
+  with pytest.raises(cli.UsageError, match="no pretraining configuration"):
+    cli.check_prerequisites("linear_eval", str(pretrained))
+  for mode in ("all", "pretrain", "train_ce"):
+    cli.check_prerequisites(mode, str(tmp_path / "missing"))
+  assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.slow
+def test_later_stages_on_an_empty_or_foreign_work_dir_leave_it_as_it_was(
+    tmp_path):
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "foreign" / "pretrain").mkdir(parents=True)
+  (tmp_path / "foreign" / "notes.txt").write_text("not a run")
+  runs = {}
+  for name, mode in (("empty", "linear_eval"), ("missing", "export"),
+                     ("foreign", "evaluate")):
+    workdir = tmp_path / name
+    runs[name] = (workdir, _everything_in(workdir), start(
+        ["-m", "supcon_tf", f"--workdir={workdir}", f"--mode={mode}"],
+        tmp_path / f"{name}.stderr", cwd=str(tmp_path)))
+  for name, (workdir, before, process) in runs.items():
+    process.communicate(timeout=TIMEOUT)
+    stderr = log_tail(process, 100_000)
+    assert process.returncode == 1, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert [line for line in stderr.splitlines() if line.startswith(
+        "supcon-tf:")] == [
+            f"supcon-tf: error: no pretraining checkpoint in "
+            f"{workdir}/pretrain/checkpoints: run --mode=pretrain (or all) "
+            "first."], stderr[-3000:]
+    assert _everything_in(workdir) == before, name
 
 
 def test_skip_corrupt_flag_reaches_the_data_config(tmp_path):
