@@ -324,23 +324,116 @@ class CheckpointSaver:
                                              max_to_keep=max_to_keep)
 
   def restore(self):
-    """Restores the newest checkpoint of the chief's directory, if any."""
-    latest = self.reader.latest_checkpoint
-    if latest:
-      try:
-        self.reader.checkpoint.restore(latest).assert_existing_objects_matched()
-      except (AssertionError, ValueError, tf.errors.OpError) as e:
-        raise TrainingError(
-            f"Cannot resume from {latest}: it does not match this model "
-            f"({str(e).splitlines()[0][:300]}). A work dir holds one "
-            "experiment: use a new --workdir.") from None
-    return latest
+    """Restores the newest readable checkpoint of the chief's directory.
+
+    A newest checkpoint that cannot be read (truncated, garbled, files
+    missing) is skipped, with a warning naming it, for the one before it:
+    the run then recomputes the steps in between.
+
+    Returns:
+      The restored checkpoint's path, or None when the directory holds none.
+
+    Raises:
+      TrainingError: no listed checkpoint restores (another model's, or all
+        unreadable); the message names the newest.
+    """
+    checkpoint = self.reader.checkpoint
+    return _restore_newest(
+        self.reader.directory,
+        lambda path: checkpoint.restore(path).assert_existing_objects_matched(),
+        fallback=True)
 
   def save(self, step: int):
     path = self.manager.save(checkpoint_number=step)
     if self._tmp:
       shutil.rmtree(self._tmp, ignore_errors=True)
     return path
+
+
+# What reading a damaged checkpoint raises: DataLossError (checksums),
+# IndexError (a truncated data file), NotFoundError / ValueError (a missing
+# file) or a plain OpError (an unreadable index).
+_RESTORE_ERRORS = (AssertionError, IndexError, ValueError, tf.errors.OpError)
+_DAMAGE_MARKERS = ("checksum", "corrupt", "read less bytes", "truncated",
+                   "failed to find any matching files", "unable to read file",
+                   "data loss")
+
+
+def _first_line(error) -> str:
+  text = str(error).strip()
+  return (text.splitlines() or [type(error).__name__])[0][:300]
+
+
+def _listed_checkpoints(directory: str):
+  """Checkpoints the `checkpoint` index file of `directory` lists, newest first.
+
+  Paths are rebuilt from their base names, so a moved work dir still finds
+  its checkpoints.
+  """
+  try:
+    state = tf.train.get_checkpoint_state(directory)
+  except (ValueError, tf.errors.OpError) as e:
+    logging.warning("Unreadable checkpoint index in %s (%s).", directory,
+                    _first_line(e))
+    return []
+  if state is None:
+    return []
+  listed = [p for p in state.all_model_checkpoint_paths
+            if p != state.model_checkpoint_path]
+  listed.append(state.model_checkpoint_path)
+  return [os.path.join(directory, os.path.basename(p))
+          for p in reversed(listed)]
+
+
+def _restore_newest(directory: str, restore_fn, *, fallback: bool):
+  """Calls `restore_fn(path)` on the newest listed checkpoint that restores.
+
+  Args:
+    directory: a checkpoints directory.
+    restore_fn: restores one checkpoint path; raises on failure.
+    fallback: try older checkpoints when the newest fails; False raises at
+      once, naming it.
+
+  Returns:
+    The restored path, or None when nothing is listed.
+
+  Raises:
+    TrainingError: no checkpoint restored; names the newest and why.
+  """
+  listed = _listed_checkpoints(directory)
+  if not listed:
+    return None
+  newest_error = None
+  for path in listed if fallback else listed[:1]:
+    try:
+      restore_fn(path)
+    except _RESTORE_ERRORS as e:
+      newest_error = newest_error or e
+      logging.warning("Cannot restore checkpoint %s (%s)%s", path,
+                      _first_line(e), "; trying the one before it." if (
+                          fallback and path != listed[-1]) else ".")
+      continue
+    if path != listed[0]:
+      # The same model restored an older checkpoint: the newest is damaged.
+      logging.warning("Resumed from %s instead of the newest, unreadable "
+                      "checkpoint %s (%s).", path, listed[0],
+                      _first_line(newest_error))
+    return path
+  reason = _first_line(newest_error)
+  if any(m in reason.lower() for m in _DAMAGE_MARKERS):
+    if fallback:
+      raise TrainingError(
+          f"Checkpoint {listed[0]} is damaged ({reason}) and no earlier one "
+          f"restores: delete {directory} to pretrain from the start, or use "
+          "a new --workdir.")
+    raise TrainingError(
+        f"Checkpoint {listed[0]} is damaged ({reason}): run --mode=pretrain "
+        "(or all) again, which resumes from the checkpoint before it and "
+        "rewrites this one.")
+  raise TrainingError(
+      f"Cannot {'resume from' if fallback else 'restore the encoder from'} "
+      f"{listed[0]}: it does not match this model ({reason}). A work dir "
+      "holds one experiment: use a new --workdir.")
 
 
 def pretrain(config: config_lib.TrainConfig, workdir: str,
@@ -511,6 +604,10 @@ def restore_encoder(workdir: str, config: config_lib.TrainConfig,
     workdir: a pretraining work dir.
     config: its `TrainConfig` (see `load_config`).
     input_shape: `(H, W, C)`; defaults to the config's image size.
+
+  Raises:
+    TrainingError: no checkpoint, or the newest is damaged or of another
+      model (the message names it; no older one is used instead).
   """
   input_shape = input_shape or (config.data.image_size,
                                 config.data.image_size, 3)
@@ -521,8 +618,12 @@ def restore_encoder(workdir: str, config: config_lib.TrainConfig,
                                    num_replicas=1)
   finally:
     keras.mixed_precision.set_global_policy(previous_policy)
-  latest = tf.train.latest_checkpoint(rundir.checkpoints_dir(workdir))
-  if latest is None:
-    raise TrainingError(f"No checkpoint in {workdir}/checkpoints.")
-  tf.train.Checkpoint(encoder=encoder).restore(latest).expect_partial()
+  directory = rundir.checkpoints_dir(workdir)
+  checkpoint = tf.train.Checkpoint(encoder=encoder)
+  # No fallback: linear evaluation must see the encoder pretraining ended
+  # with, not an older one under its name.
+  if _restore_newest(directory,
+                     lambda path: checkpoint.restore(path).expect_partial(),
+                     fallback=False) is None:
+    raise TrainingError(f"No checkpoint in {directory}.")
   return encoder

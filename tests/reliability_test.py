@@ -8,6 +8,8 @@
 3. Non-finite loss (NaN inputs) or weights (exploding learning rate): a
    `TrainingError` naming the step, the last checkpoint is the last good one,
    and the command line exits 1.
+   3b. A damaged newest checkpoint: pretraining falls back to the one
+   before it, with a warning; restoring the encoder stops naming it.
 4. Same seed and configuration, same loss trajectory; another seed, another.
 5. Bad inputs fail with one clear line and exit 1 before anything is written,
    also later stages run on a work dir without their inputs.
@@ -38,6 +40,7 @@ together where they can.
 import contextlib
 import functools
 import json
+import logging
 import os
 import pwd
 import random
@@ -429,7 +432,19 @@ def test_exploding_learning_rate_stops_before_saving(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------
-# 3b. Damaged checkpoints and a full disk: a stopped run to start from.
+# 3b. Damaged checkpoints.
+
+
+def _damage(prefix, how):
+  """Truncates or garbles the data file of checkpoint `prefix`."""
+  data_file, = tf.io.gfile.glob(f"{prefix}.data-*")
+  size = os.path.getsize(data_file)
+  if how == "truncated":
+    os.truncate(data_file, size // 2)
+  else:
+    with open(data_file, "r+b") as f:
+      f.seek(size // 2)
+      f.write(bytes(255 - b for b in f.read(64)))
 
 
 def _six_steps():
@@ -443,6 +458,52 @@ def four_steps(tmp_path_factory):
   train_lib.pretrain(_six_steps(), str(workdir), dataset_fn=driver.dataset_fn,
                      stop_at_step=4, verbose=False)
   return workdir, checkpoint_tensors(str(workdir / "checkpoints" / "ckpt-4"))
+
+
+@pytest.mark.parametrize("how", [
+    "truncated", pytest.param("garbled", marks=pytest.mark.slow)])
+def test_damaged_newest_checkpoint_falls_back_to_the_one_before(
+    tmp_path, four_steps, how, caplog):
+  workdir = tmp_path / "run"
+  shutil.copytree(four_steps[0], workdir)
+  newest = str(workdir / "checkpoints" / "ckpt-4")
+  _damage(newest, how)
+  config = _six_steps()
+  # Linear evaluation must not silently use an older encoder: it stops.
+  before = files_of(workdir)
+  with pytest.raises(train_lib.TrainingError, match="is damaged") as error:
+    train_lib.restore_encoder(str(workdir), config,
+                              (driver.IMAGE, driver.IMAGE, 3))
+  assert newest in str(error.value) and "\n" not in str(error.value)
+  assert "--mode=pretrain" in str(error.value)
+  assert files_of(workdir) == before
+  # Pretraining resumes from ckpt-2 with a warning and rewrites ckpt-4 as
+  # an uninterrupted run wrote it.
+  with caplog.at_level(logging.WARNING):
+    result = train_lib.pretrain(config, str(workdir),
+                                dataset_fn=driver.dataset_fn, stop_at_step=4,
+                                verbose=False)
+  assert result.step == 4
+  assert any(newest in r.getMessage() and "instead of the newest" in
+             r.getMessage() for r in caplog.records), caplog.text
+  assert_same_tensors(checkpoint_tensors(newest), four_steps[1], how)
+  train_lib.restore_encoder(str(workdir), config,
+                            (driver.IMAGE, driver.IMAGE, 3))
+
+
+def test_every_checkpoint_damaged_stops_naming_the_newest(tmp_path,
+                                                          four_steps):
+  workdir = tmp_path / "run"
+  shutil.copytree(four_steps[0], workdir)
+  for step in (2, 4):
+    _damage(str(workdir / "checkpoints" / f"ckpt-{step}"), "truncated")
+  before = files_of(workdir)
+  with pytest.raises(train_lib.TrainingError, match="is damaged") as error:
+    train_lib.pretrain(_six_steps(), str(workdir),
+                       dataset_fn=driver.dataset_fn, verbose=False)
+  assert str(workdir / "checkpoints" / "ckpt-4") in str(error.value)
+  assert "no earlier one restores" in str(error.value)
+  assert files_of(workdir) == before
 
 
 # ----------------------------------------------------------------------------
