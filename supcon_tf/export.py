@@ -122,6 +122,9 @@ def export_classifier(classifier: keras.Model,
       non-positive `version`, a `version` that already exists (existing
       versions are never overwritten), or an `eval_crop` other than
       `center` / `resize`.
+    OSError: writing failed (e.g. no space left on the device); one line
+      naming `export_base`. Nothing is published and earlier versions are
+      untouched.
   """
   if eval_crop not in ("center", "resize"):
     raise ValueError(f"eval_crop must be 'center' or 'resize', got "
@@ -162,6 +165,16 @@ def export_classifier(classifier: keras.Model,
           f"{final} appeared while exporting (another export running?); "
           "not overwriting it. Export again for the next free version.")
     os.rename(tmp, final)
+  except (OSError, tf.errors.OpError) as e:
+    # E.g. no space left: nothing published, earlier versions untouched.
+    shutil.rmtree(tmp, ignore_errors=True)
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    previous = latest_version(export_base)
+    kept = f" and {previous} is unchanged" if previous else ""
+    raise OSError(
+        f"Cannot write export version {version} in {export_base} "
+        f"({reason}); nothing was published{kept}. Free space on the device "
+        "(or fix it) and export again.") from None
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -344,10 +344,32 @@ class CheckpointSaver:
         fallback=True)
 
   def save(self, step: int):
-    path = self.manager.save(checkpoint_number=step)
-    if self._tmp:
-      shutil.rmtree(self._tmp, ignore_errors=True)
-    return path
+    """Writes the checkpoint of `step`.
+
+    Raises:
+      TrainingError: the write failed (e.g. no space left on the device);
+        the checkpoint that was the latest before stays the latest and
+        intact, and the files of the failed one are removed.
+    """
+    directory = self.manager.directory
+    try:
+      return self.manager.save(checkpoint_number=step)
+    except (OSError, tf.errors.OpError) as e:
+      # Only files of a checkpoint that no index lists: a failure after
+      # TF recorded the new checkpoint keeps it.
+      if self.chief and _checkpoint_prefix(directory, step) not in (
+          _listed_checkpoints(directory)):
+        _remove_checkpoint_files(directory, step)
+      latest = _listed_checkpoints(directory)
+      raise TrainingError(
+          f"Cannot write the checkpoint of step {step} in {directory} "
+          f"({_first_line(e)}); the latest checkpoint is still "
+          f"{latest[0] if latest else 'none'}, intact. Free space on the "
+          "device (or fix it) and run the same command again to resume."
+      ) from None
+    finally:
+      if self._tmp:
+        shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 # What reading a damaged checkpoint raises: DataLossError (checksums),
@@ -362,6 +384,10 @@ _DAMAGE_MARKERS = ("checksum", "corrupt", "read less bytes", "truncated",
 def _first_line(error) -> str:
   text = str(error).strip()
   return (text.splitlines() or [type(error).__name__])[0][:300]
+
+
+def _checkpoint_prefix(directory: str, step: int) -> str:
+  return os.path.join(directory, f"ckpt-{step}")
 
 
 def _listed_checkpoints(directory: str):
@@ -383,6 +409,19 @@ def _listed_checkpoints(directory: str):
   listed.append(state.model_checkpoint_path)
   return [os.path.join(directory, os.path.basename(p))
           for p in reversed(listed)]
+
+
+def _remove_checkpoint_files(directory: str, step: int) -> None:
+  prefix = _checkpoint_prefix(directory, step)
+  for path in tf.io.gfile.glob(f"{prefix}.*") + tf.io.gfile.glob(
+      f"{prefix}_temp*"):
+    try:
+      if tf.io.gfile.isdir(path):
+        tf.io.gfile.rmtree(path)
+      else:
+        tf.io.gfile.remove(path)
+    except (OSError, tf.errors.OpError):
+      pass  # Unreferenced files are harmless; a full disk may refuse this.
 
 
 def _restore_newest(directory: str, restore_fn, *, fallback: bool):

@@ -8,9 +8,13 @@ compares the results with the in-memory model. That process and the two
 """
 
 import ast
+import contextlib
+import errno
 import json
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -537,6 +541,60 @@ def test_crash_during_write_keeps_previous_version(tmp_path, monkeypatch,
   assert export.export_classifier(classifier, str(base),
                                   image_size=SIZE) == str(base / "2")
 
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit_bytes):
+  """Writes past `limit_bytes` in any file fail (EFBIG), as on a full disk."""
+  old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, old_limit[1]))
+  try:
+    yield
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+    signal.signal(signal.SIGXFSZ, old_handler)
+
+
+@pytest.mark.parametrize("failure", ["enospc", "file_size_limit"])
+def test_full_disk_is_one_line_and_keeps_previous_version(tmp_path,
+                                                          monkeypatch,
+                                                          failure):
+  base = tmp_path / "base"
+  classifier = _small_classifier()
+  first = export.export_classifier(classifier, str(base), image_size=SIZE)
+  images = _smooth_images(np.random.default_rng(2), 2, SIZE, SIZE)
+  before = tf.saved_model.load(first).signatures["serving_default"](
+      images=images)["logits"].numpy()
+  real_write = export._write_saved_model  # pylint: disable=protected-access
+  if failure == "enospc":
+    def full_write(module, path, signatures):
+      del module, signatures
+      os.makedirs(path)
+      with open(os.path.join(path, "saved_model.pb"), "wb") as f:
+        f.write(b"\x08\x01")  # Half a file, then the disk is full.
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(export, "_write_saved_model", full_write)
+    limit = contextlib.nullcontext()
+  else:
+    # The real writer (TensorFlow's C++ file system) failing mid-file.
+    limit = _file_size_limit(
+        max(os.path.getsize(p) for p in tf.io.gfile.glob(
+            os.path.join(first, "**", "*")) if os.path.isfile(p)) // 2)
+  with limit, pytest.raises(OSError) as error:
+    export.export_classifier(classifier, str(base), image_size=SIZE)
+  message = str(error.value)
+  assert "\n" not in message and str(base) in message, message
+  assert f"nothing was published and {first} is unchanged" in message
+  if failure == "enospc":
+    assert "No space left on device" in message
+  assert sorted(os.listdir(base)) == ["1"]  # No version, no leftover.
+  after = tf.saved_model.load(first).signatures["serving_default"](
+      images=images)["logits"].numpy()
+  np.testing.assert_array_equal(after, before)
+  monkeypatch.setattr(export, "_write_saved_model", real_write)
+  assert export.export_classifier(classifier, str(base),
+                                  image_size=SIZE) == str(base / "2")
 
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))

@@ -9,7 +9,9 @@
    `TrainingError` naming the step, the last checkpoint is the last good one,
    and the command line exits 1.
    3b. A damaged newest checkpoint: pretraining falls back to the one
-   before it, with a warning; restoring the encoder stops naming it.
+   before it, with a warning; restoring the encoder stops naming it. A full
+   disk while checkpointing (ENOSPC, or a file-size limit making TF's own
+   writer fail mid-file): one line, the previous checkpoint intact.
 4. Same seed and configuration, same loss trajectory; another seed, another.
 5. Bad inputs fail with one clear line and exit 1 before anything is written,
    also later stages run on a work dir without their inputs.
@@ -38,6 +40,7 @@ together where they can.
 """
 
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -45,7 +48,9 @@ import os
 import pwd
 import random
 import re
+import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -432,7 +437,7 @@ def test_exploding_learning_rate_stops_before_saving(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------
-# 3b. Damaged checkpoints.
+# 3b. Damaged checkpoints and a full disk.
 
 
 def _damage(prefix, how):
@@ -504,6 +509,78 @@ def test_every_checkpoint_damaged_stops_naming_the_newest(tmp_path,
   assert str(workdir / "checkpoints" / "ckpt-4") in str(error.value)
   assert "no earlier one restores" in str(error.value)
   assert files_of(workdir) == before
+
+
+def _no_space_in_checkpoint_writes(monkeypatch):
+  """TF's checkpoint writer fails with ENOSPC after writing half a shard."""
+  # pylint: disable=g-import-not-at-top
+  from tensorflow.python.checkpoint import functional_saver
+  # pylint: enable=g-import-not-at-top
+
+  def save(self, file_prefix, options=None):
+    del self, options
+    prefix = file_prefix.numpy().decode()
+    os.makedirs(f"{prefix}_temp", exist_ok=True)
+    with open(f"{prefix}_temp/part-00000-of-00001.data-00000-of-00001",
+              "wb") as f:
+      f.write(b"\0" * 1000)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(functional_saver.MultiDeviceSaver, "save", save)
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit_bytes):
+  """Writes past `limit_bytes` in any file fail (EFBIG), as on a full disk."""
+  old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, old_limit[1]))
+  try:
+    yield
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+    signal.signal(signal.SIGXFSZ, old_handler)
+
+
+@pytest.mark.parametrize("failure", [
+    "enospc", pytest.param("file_size_limit", marks=pytest.mark.slow)])
+def test_full_disk_while_checkpointing_keeps_the_previous_one(
+    tmp_path, monkeypatch, four_steps, failure):
+  config = _six_steps()
+  workdir = tmp_path / "run"
+  shutil.copytree(four_steps[0], workdir)
+  ckpt = workdir / "checkpoints"
+  previous = str(ckpt / "ckpt-4")
+  kept = {step: checkpoint_tensors(str(ckpt / f"ckpt-{step}"))
+          for step in (2, 4)}
+  if failure == "enospc":
+    _no_space_in_checkpoint_writes(monkeypatch)
+    limit = contextlib.nullcontext()
+  else:
+    # The real writer (TensorFlow's C++ file system) failing mid-file.
+    data_file, = tf.io.gfile.glob(f"{previous}.data-*")
+    limit = _file_size_limit(os.path.getsize(data_file) // 2)
+  with limit, pytest.raises(train_lib.TrainingError) as error:
+    train_lib.pretrain(config, str(workdir), dataset_fn=driver.dataset_fn,
+                       verbose=False)
+  message = str(error.value)
+  assert "\n" not in message, message
+  assert "checkpoint of step 6" in message and previous in message, message
+  if failure == "enospc":
+    assert "No space left on device" in message, message
+  # The failed checkpoint left nothing; the others are intact and load.
+  assert not tf.io.gfile.glob(str(ckpt / "ckpt-6*")), os.listdir(ckpt)
+  assert tf.train.latest_checkpoint(str(ckpt)) == previous
+  for step, tensors in kept.items():
+    assert_same_tensors(checkpoint_tensors(str(ckpt / f"ckpt-{step}")),
+                        tensors, f"ckpt-{step}")
+  train_lib.restore_encoder(str(workdir), config,
+                            (driver.IMAGE, driver.IMAGE, 3))
+  if failure == "file_size_limit":  # Slow already: one more run.
+    # With space again, the same command finishes.
+    assert train_lib.pretrain(config, str(workdir),
+                              dataset_fn=driver.dataset_fn,
+                              verbose=False).step == 6
 
 
 # ----------------------------------------------------------------------------
