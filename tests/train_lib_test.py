@@ -20,6 +20,8 @@ import tensorflow as tf
 import conftest
 from supcon_tf import config as config_lib
 from supcon_tf import distributed
+from supcon_tf import plots
+from supcon_tf import rundir
 from supcon_tf import train_lib
 
 IMAGE = 8
@@ -285,6 +287,40 @@ def test_pretrain_loss_goes_down(tmp_path):
                                 stop_at_step=stop, verbose=False)
     metrics.append(result.loss)
   assert metrics[-1] < metrics[0], metrics
+
+
+def _paired_labels_dataset_fn(context):
+  """Batches of 8 samples labelled [0, 0, 1, 1, 2, 2, 3, 3], 2 views each.
+
+  Each anchor has 3 positives under supcon (the other view of its sample and
+  both views of the other sample of its label) and 1 under simclr.
+  """
+  batch = context.get_per_replica_batch_size(GLOBAL_BATCH)
+  labels = tf.constant([0, 0, 1, 1, 2, 2, 3, 3][:batch], tf.int32)
+  return tf.data.Dataset.range(1000).map(lambda i: (
+      tf.random.stateless_uniform([batch, VIEWS, IMAGE, IMAGE, 3],
+                                  tf.stack([tf.cast(i, tf.int32), 3])),
+      labels))
+
+
+@pytest.mark.parametrize("method,positives", [
+    ("supcon", 3.0), pytest.param("simclr", 1.0, marks=pytest.mark.slow)])
+def test_pretrain_writes_the_health_metrics_the_plots_read(
+    tmp_path, method, positives):
+  workdir = rundir.pretrain_dir(str(tmp_path))  # Where the command line trains.
+  train_lib.pretrain(tiny_config(method=method, steps=2, steps_per_loop=1),
+                     workdir, dataset_fn=_paired_labels_dataset_fn,
+                     verbose=False)
+  # Read as the report reads them: a renamed tag fails here.
+  scalars = plots.read_scalars(rundir.events_dir(str(tmp_path)))
+  assert sorted(scalars) == ["images_per_second", "learning_rate", "loss",
+                             "nn_top1", "positives"]
+  for title, tags in plots.TRAINING_PANELS:
+    assert tags[0] in scalars, f"panel {title!r} would show 'not recorded'"
+  for tag, (steps, values) in scalars.items():
+    assert steps.tolist() == [1, 2] and np.isfinite(values).all(), tag
+  assert scalars["positives"][1].tolist() == [positives, positives]
+  assert ((scalars["nn_top1"][1] >= 0) & (scalars["nn_top1"][1] <= 1)).all()
 
 
 def test_resume_with_changed_config_is_refused(tmp_path):
