@@ -540,8 +540,8 @@ def main(argv):
     _fail("interrupted; run the same command again to resume.")
   except Exception as e:  # pylint: disable=broad-except
     # Errors the user can fix are ValueError / TrainingError: one line.
-    from supcon_tf import train_lib  # pylint: disable=g-import-not-at-top
-    if isinstance(e, (ValueError, OSError, train_lib.TrainingError)):
+    from supcon_tf import rundir  # pylint: disable=g-import-not-at-top
+    if isinstance(e, (ValueError, OSError, rundir.TrainingError)):
       logging.exception("Failed.")
       _fail(e)
     raise

@@ -33,12 +33,6 @@ from supcon_tf import models
 from supcon_tf import optimizers
 from supcon_tf import rundir
 
-# The run directory owns these; kept here under their old names.
-RESUMABLE_CHANGES = rundir.RESUMABLE_CHANGES
-TrainingError = rundir.TrainingError
-atomic_write = rundir.atomic_write
-check_resumable = rundir.check_resumable
-load_config = rundir.load_config
 
 
 @dataclasses.dataclass
@@ -303,7 +297,7 @@ def _check_writable(workdir: str) -> None:
       f.write("")
     tf.io.gfile.remove(probe)
   except (tf.errors.OpError, OSError) as e:
-    raise TrainingError(f"Work dir {workdir} is not writable ({e}). Choose "
+    raise rundir.TrainingError(f"Work dir {workdir} is not writable ({e}). Choose "
                         "another --workdir or fix its permissions.") from None
 
 
@@ -361,7 +355,7 @@ class CheckpointSaver:
           _listed_checkpoints(directory)):
         _remove_checkpoint_files(directory, step)
       latest = _listed_checkpoints(directory)
-      raise TrainingError(
+      raise rundir.TrainingError(
           f"Cannot write the checkpoint of step {step} in {directory} "
           f"({_first_line(e)}); the latest checkpoint is still "
           f"{latest[0] if latest else 'none'}, intact. Free space on the "
@@ -461,15 +455,15 @@ def _restore_newest(directory: str, restore_fn, *, fallback: bool):
   reason = _first_line(newest_error)
   if any(m in reason.lower() for m in _DAMAGE_MARKERS):
     if fallback:
-      raise TrainingError(
+      raise rundir.TrainingError(
           f"Checkpoint {listed[0]} is damaged ({reason}) and no earlier one "
           f"restores: delete {directory} to pretrain from the start, or use "
           "a new --workdir.")
-    raise TrainingError(
+    raise rundir.TrainingError(
         f"Checkpoint {listed[0]} is damaged ({reason}): run --mode=pretrain "
         "(or all) again, which resumes from the checkpoint before it and "
         "rewrites this one.")
-  raise TrainingError(
+  raise rundir.TrainingError(
       f"Cannot {'resume from' if fallback else 'restore the encoder from'} "
       f"{listed[0]}: it does not match this model ({reason}). A work dir "
       "holds one experiment: use a new --workdir.")
@@ -515,7 +509,7 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
     tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.seed)
   _check_writable(workdir)
-  check_resumable(workdir, config, write=False)
+  rundir.check_resumable(workdir, config, write=False)
 
   if dataset_fn is None:
     info = data.dataset_info(config.data)
@@ -547,7 +541,7 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
   restored = saver.restore()
   # Only now: a run that fails on its data or on a foreign checkpoint leaves
   # no config.json behind to refuse the corrected command.
-  check_resumable(workdir, config)
+  rundir.check_resumable(workdir, config)
   step = int(trainer.step.numpy())
   if restored and verbose:
     logging.info("Resumed from %s at step %d.", restored, step)
@@ -582,7 +576,7 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
                f"steps {step + 1}..{step + steps}")
       what = (f"training metrics {metrics}" if not finite_metrics else
               f"weights (metrics {metrics})")
-      raise TrainingError(
+      raise rundir.TrainingError(
           f"Non-finite {what} at {where}; nothing was saved after step "
           f"{last_saved}. Lower the learning rate or check the inputs.")
     step += steps
@@ -664,5 +658,5 @@ def restore_encoder(workdir: str, config: config_lib.TrainConfig,
   if _restore_newest(directory,
                      lambda path: checkpoint.restore(path).expect_partial(),
                      fallback=False) is None:
-    raise TrainingError(f"No checkpoint in {directory}.")
+    raise rundir.TrainingError(f"No checkpoint in {directory}.")
   return encoder

@@ -14,6 +14,7 @@ from supcon_tf import config as config_lib
 from supcon_tf import linear_backup
 from supcon_tf import linear_eval
 from supcon_tf import models
+from supcon_tf import rundir
 from supcon_tf import train_lib
 
 IMAGE = 8
@@ -265,7 +266,7 @@ def test_killed_run_resumes(tmp_path, monkeypatch):
                             verbose=False)
   assert os.path.exists(tmp_path / linear_eval.BACKUP_DIR)
   # Another configuration must not resume this run.
-  with pytest.raises(train_lib.TrainingError, match="other settings"):
+  with pytest.raises(rundir.TrainingError, match="other settings"):
     linear_eval.linear_eval(encoder, config_lib.DataConfig(),
                             eval_config(epochs=4), datasets=easy_datasets(),
                             workdir=str(tmp_path), verbose=False)

@@ -69,6 +69,7 @@ from supcon_tf import config as config_lib
 from supcon_tf import export
 from supcon_tf import linear_eval
 from supcon_tf import models
+from supcon_tf import rundir
 from supcon_tf import train_lib
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -388,7 +389,7 @@ def test_nan_inputs_stop_before_saving(tmp_path, monkeypatch):
   # NaN images do not always give a NaN loss: on CPU, ReLU maps NaN to 0,
   # the embeddings become zero and the loss a finite tau * ln(2B - 1). The
   # batch-norm statistics turn NaN, and the weight check stops the run.
-  with pytest.raises(train_lib.TrainingError, match="Non-finite") as error:
+  with pytest.raises(rundir.TrainingError, match="Non-finite") as error:
     train_lib.pretrain(config, str(tmp_path),
                        dataset_fn=functools.partial(driver.dataset_fn,
                                                     nan_from_step=5),
@@ -418,7 +419,7 @@ def test_exploding_learning_rate_stops_before_saving(tmp_path, monkeypatch):
                       lambda *args, **kwargs: keras.optimizers.SGD(
                           _ExplodingRate(), momentum=0.9))
   config = driver.tiny_config(steps=10)
-  with pytest.raises(train_lib.TrainingError, match="Non-finite") as error:
+  with pytest.raises(rundir.TrainingError, match="Non-finite") as error:
     train_lib.pretrain(config, str(tmp_path),
                        dataset_fn=driver.dataset_fn, verbose=False)
   # Here too the loss stays finite (zero embeddings): the weight check, not
@@ -476,7 +477,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(
   config = _six_steps()
   # Linear evaluation must not silently use an older encoder: it stops.
   before = files_of(workdir)
-  with pytest.raises(train_lib.TrainingError, match="is damaged") as error:
+  with pytest.raises(rundir.TrainingError, match="is damaged") as error:
     train_lib.restore_encoder(str(workdir), config,
                               (driver.IMAGE, driver.IMAGE, 3))
   assert newest in str(error.value) and "\n" not in str(error.value)
@@ -503,7 +504,7 @@ def test_every_checkpoint_damaged_stops_naming_the_newest(tmp_path,
   for step in (2, 4):
     _damage(str(workdir / "checkpoints" / f"ckpt-{step}"), "truncated")
   before = files_of(workdir)
-  with pytest.raises(train_lib.TrainingError, match="is damaged") as error:
+  with pytest.raises(rundir.TrainingError, match="is damaged") as error:
     train_lib.pretrain(_six_steps(), str(workdir),
                        dataset_fn=driver.dataset_fn, verbose=False)
   assert str(workdir / "checkpoints" / "ckpt-4") in str(error.value)
@@ -560,7 +561,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(
     # The real writer (TensorFlow's C++ file system) failing mid-file.
     data_file, = tf.io.gfile.glob(f"{previous}.data-*")
     limit = _file_size_limit(os.path.getsize(data_file) // 2)
-  with limit, pytest.raises(train_lib.TrainingError) as error:
+  with limit, pytest.raises(rundir.TrainingError) as error:
     train_lib.pretrain(config, str(workdir), dataset_fn=driver.dataset_fn,
                        verbose=False)
   message = str(error.value)
@@ -645,7 +646,7 @@ def test_unwritable_work_dir_is_a_clear_error(tmp_path):
   blocker = tmp_path / "file"
   blocker.write_text("results")
   for workdir in (blocker, blocker / "run"):
-    with pytest.raises(train_lib.TrainingError, match="not writable"):
+    with pytest.raises(rundir.TrainingError, match="not writable"):
       train_lib.pretrain(driver.tiny_config(), str(workdir),
                          dataset_fn=driver.dataset_fn, verbose=False)
   assert blocker.read_text() == "results"
@@ -683,7 +684,7 @@ def test_read_only_work_dir():
     with _unprivileged():
       with pytest.raises(PermissionError):
         open(os.path.join(workdir, "probe"), "w").close()
-      with pytest.raises(train_lib.TrainingError, match="not writable"):
+      with pytest.raises(rundir.TrainingError, match="not writable"):
         train_lib.pretrain(driver.tiny_config(), workdir,
                            dataset_fn=driver.dataset_fn, verbose=False)
     assert os.listdir(workdir) == []
@@ -694,16 +695,16 @@ def test_read_only_work_dir():
 
 def test_resume_with_changed_setting_names_it(tmp_path):
   config = driver.tiny_config()
-  train_lib.check_resumable(str(tmp_path), config)
+  rundir.check_resumable(str(tmp_path), config)
   stored = (tmp_path / "config.json").read_bytes()
   changed = driver.tiny_config(loss=config_lib.LossConfig(temperature=0.5),
                                checkpoint_every=4)
-  with pytest.raises(train_lib.TrainingError,
+  with pytest.raises(rundir.TrainingError,
                      match=r"\(loss\.temperature: 0\.1 -> 0\.5\)"):
-    train_lib.check_resumable(str(tmp_path), changed)
+    rundir.check_resumable(str(tmp_path), changed)
   assert (tmp_path / "config.json").read_bytes() == stored
   # checkpoint_every may change between a run and its resumption.
-  train_lib.check_resumable(str(tmp_path), driver.tiny_config(
+  rundir.check_resumable(str(tmp_path), driver.tiny_config(
       checkpoint_every=4))
 
 
@@ -715,7 +716,7 @@ def test_checkpoint_of_another_architecture_is_refused_untouched(tmp_path):
   other = models.resnet(18, width=0.125,
                         input_shape=(driver.IMAGE, driver.IMAGE, 3))
   # Same config.json, another encoder passed in.
-  with pytest.raises(train_lib.TrainingError, match="does not match"):
+  with pytest.raises(rundir.TrainingError, match="does not match"):
     train_lib.pretrain(config, str(tmp_path), dataset_fn=driver.dataset_fn,
                        encoder=other, verbose=False)
   assert files_of(tmp_path) == before
@@ -726,7 +727,7 @@ def test_checkpoint_of_another_architecture_is_refused_untouched(tmp_path):
   wide_config = driver.tiny_config(
       steps=2, model=config_lib.ModelConfig(encoder="resnet18", width=0.125,
                                             projection_dim=8))
-  with pytest.raises(train_lib.TrainingError, match="does not match"):
+  with pytest.raises(rundir.TrainingError, match="does not match"):
     train_lib.pretrain(wide_config, str(tmp_path),
                        dataset_fn=driver.dataset_fn, verbose=False)
   assert files_of(tmp_path) == before
@@ -791,7 +792,7 @@ def cli_runs(tmp_path_factory):
   changed = tmp / "changed" / "pretrain"
   changed.mkdir(parents=True)
   (tmp / "changed" / "report.json").write_text('{"kept": true}')
-  train_lib.check_resumable(str(changed), _flags_of(workdir=tmp)[0])
+  rundir.check_resumable(str(changed), _flags_of(workdir=tmp)[0])
   pretrain = ["--mode=pretrain"]
   runs = {
       "flag_value": _cli(tmp, "flag_value", "--method=supcom"),

@@ -326,7 +326,7 @@ def test_pretrain_writes_the_health_metrics_the_plots_read(
 def test_resume_with_changed_config_is_refused(tmp_path):
   train_lib.pretrain(tiny_config(steps=2), str(tmp_path),
                      dataset_fn=synthetic_dataset_fn, verbose=False)
-  with pytest.raises(train_lib.TrainingError, match="temperature"):
+  with pytest.raises(rundir.TrainingError, match="temperature"):
     train_lib.pretrain(
         tiny_config(steps=2, loss=config_lib.LossConfig(temperature=0.5)),
         str(tmp_path), dataset_fn=synthetic_dataset_fn, verbose=False)
