@@ -9,6 +9,9 @@ Modes: `pretrain`, `linear_eval`, `export`, `evaluate`, `train_ce`
 linear evaluation -> export -> report). Every stage resumes from what the
 work dir already holds. The defaults are the 30-minute CPU budget
 configuration, experiments/cifar10_supcon_cpu30.cfg.
+
+This module defines the flags, builds the configuration objects from them,
+calls `supcon_tf.pipeline.run` and prints; the stages live in the pipeline.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import re
 import sys
 import tempfile
 import textwrap
-import time
 
 from absl import app
 from absl import flags
@@ -28,7 +30,7 @@ from absl import logging
 
 from supcon_tf import config as config_lib
 
-MODES = ("all", "pretrain", "linear_eval", "export", "evaluate", "train_ce")
+MODES = config_lib.MODES
 
 flags.DEFINE_enum("mode", "all", MODES, "What to run.")
 flags.DEFINE_string("workdir", None, "Directory of the run (resumed if it "
@@ -96,7 +98,8 @@ flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.")
 flags.DEFINE_multi_string(
     "set", [], "Set any configuration field, dotted, repeatable: "
     "--set=loss.block_size=512 --set=loss.scale_by_temperature=false "
-    "(TrainConfig fields; linear.<field> for LinearEvalConfig).")
+    "(TrainConfig fields; linear.<field> for LinearEvalConfig, "
+    "eval.<field> for EvalConfig).")
 flags.DEFINE_integer("linear_epochs", 10, "Linear-evaluation epochs.")
 flags.DEFINE_list("linear_learning_rates", ["0.3", "1.0", "3.0"],
                   "Linear-evaluation learning rates, chosen on the "
@@ -220,20 +223,23 @@ class UsageError(ValueError):
 
 
 _LINEAR_PREFIX = "linear."
+_EVAL_PREFIX = "eval."
 
 
-def _overrides(linear: bool):
-  """The --set items for LinearEvalConfig (`linear=True`) or TrainConfig."""
-  return [item[len(_LINEAR_PREFIX):] if linear else item
-          for item in FLAGS.set
-          if item.startswith(_LINEAR_PREFIX) == linear]
+def _overrides(prefix: str = ""):
+  """The --set items of one config: `prefix` "linear." / "eval." or ""
+  (TrainConfig, items without those prefixes), prefix removed."""
+  prefixes = (_LINEAR_PREFIX, _EVAL_PREFIX)
+  return [item[len(prefix):] for item in FLAGS.set
+          if item.startswith(prefix) and
+          (prefix or not item.startswith(prefixes))]
 
 
 def train_config() -> config_lib.TrainConfig:
   """The pretraining configuration the flags describe."""
   method = "ce" if FLAGS.mode == "train_ce" else FLAGS.method
   return config_lib.override(_train_config_of_flags(method),
-                             _overrides(linear=False))
+                             _overrides())
 
 
 def _train_config_of_flags(method: str) -> config_lib.TrainConfig:
@@ -277,7 +283,7 @@ def linear_config() -> config_lib.LinearEvalConfig:
   return config_lib.override(config_lib.LinearEvalConfig(
       epochs=FLAGS.linear_epochs, batch_size=FLAGS.linear_batch_size,
       learning_rate=rates[0], learning_rates=rates,
-      augment=FLAGS.linear_augment, seed=FLAGS.seed), _overrides(linear=True))
+      augment=FLAGS.linear_augment, seed=FLAGS.seed), _overrides(prefix=_LINEAR_PREFIX))
 
 
 # What TensorFlow's C++ runtime prints at start-up on a machine without a
@@ -324,99 +330,18 @@ def _import_tensorflow():
   return tf
 
 
+def eval_config() -> config_lib.EvalConfig:
+  return config_lib.override(
+      config_lib.EvalConfig(robustness=FLAGS.robustness, seed=FLAGS.seed),
+      _overrides(prefix=_EVAL_PREFIX))
+
+
 def _split_cpu(devices: int) -> None:
   tf = _import_tensorflow()
   if devices > 1:
     tf.config.set_logical_device_configuration(
         tf.config.list_physical_devices("CPU")[0],
         [tf.config.LogicalDeviceConfiguration()] * devices)
-
-
-def run_pipeline(mode: str, workdir: str) -> dict:
-  """Runs the stages of `mode` in `workdir`; returns the report."""
-  # Heavy imports after flag parsing, so --help and flag errors are instant.
-  from supcon_tf import distributed  # pylint: disable=g-import-not-at-top
-  from supcon_tf import rundir
-
-  report_path = rundir.report_path(workdir)
-  report = {}
-  if os.path.exists(report_path):
-    with open(report_path) as f:
-      report = json.load(f)
-  strategy = distributed.make_strategy(FLAGS.strategy)
-  chief = distributed.is_chief(strategy)
-  report = _run_stages(mode, workdir, report, strategy, chief)
-  # Workers that are done wait for the chief's stages before leaving (not
-  # after a failure: a worker still inside a training collective would wait
-  # for this one forever; leaving lets the cluster report the error).
-  distributed.wait_for_workers(strategy)
-  return _write_report(report_path, report, chief)
-
-
-def _run_stages(mode, workdir, report, strategy, chief):
-  """The stages of `mode`; returns the updated report."""
-  from supcon_tf import data  # pylint: disable=g-import-not-at-top
-  from supcon_tf import distributed
-  from supcon_tf import evaluation
-  from supcon_tf import export
-  from supcon_tf import linear_eval
-  from supcon_tf import rundir
-  from supcon_tf import train_lib
-
-  pretrain_dir = rundir.pretrain_dir(workdir)
-  if mode in ("all", "train_ce", "pretrain"):
-    config = train_config()
-    start = time.time()
-    result = train_lib.pretrain(config, pretrain_dir, strategy)
-    # A rerun of a finished pretraining trains nothing: keep its report.
-    if report.get("pretrain", {}).get("steps") != result.step:
-      report["pretrain"] = {"method": config.method, "steps": result.step,
-                            "final_loss": result.loss,
-                            "images_per_second": result.images_per_second,
-                            "seconds_this_run": round(time.time() - start, 1)}
-  if mode == "pretrain" or not chief:
-    return report
-  if distributed.is_multi_worker(strategy):
-    # The later stages run on the chief alone, on one device: linear
-    # evaluation on cached features costs a small fraction of pretraining,
-    # and alone the chief needs no collectives with workers that are idle.
-    strategy = distributed.make_strategy("default")
-  config = rundir.load_config(pretrain_dir)
-  encoder = train_lib.restore_encoder(pretrain_dir, config)
-  info = data.dataset_info(config.data)
-  if mode in ("all", "train_ce", "linear_eval"):
-    _say_linear_eval(linear_config())
-    start = time.time()
-    classifier, result = linear_eval.linear_eval(
-        encoder, config.data, linear_config(), strategy=strategy,
-        workdir=rundir.linear_eval_dir(workdir))
-    report["linear_eval"] = {**result.to_dict(),
-                             "seconds_this_run": round(time.time() - start, 1)}
-    classifier.save(rundir.classifier_path(workdir))
-  if mode in ("all", "train_ce", "export"):
-    classifier = _load_classifier(workdir)
-    path = export.export_classifier(
-        classifier, rundir.export_dir(workdir),
-        image_size=config.data.image_size, encoder=encoder,
-        class_names=info.class_names,
-        eval_crop=config.data.resolved_eval_crop)
-    report["export"] = path
-    print(f"exported to {path}", flush=True)
-  if mode in ("all", "train_ce", "evaluate"):
-    print("evaluation: k-NN accuracy, "
-          f"{'corruption robustness, ' if FLAGS.robustness else ''}plots",
-          flush=True)
-    report["evaluation"] = evaluation.evaluate_workdir(
-        workdir, encoder=encoder, classifier=_load_classifier(workdir),
-        data_config=config.data, robustness=FLAGS.robustness)
-  return report
-
-
-def _say_linear_eval(config: config_lib.LinearEvalConfig) -> None:
-  rates = len(config.learning_rates or (config.learning_rate,))
-  print(f"linear evaluation: {rates} learning rate{'s' if rates > 1 else ''}"
-        f" x {config.epochs} epoch{'s' if config.epochs > 1 else ''} (batch "
-        f"{config.batch_size})", flush=True)
 
 
 def _percent(value) -> str:
@@ -458,56 +383,6 @@ def summary_table(report: dict, workdir: str) -> str:
   return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
 
 
-def check_prerequisites(mode: str, workdir: str) -> None:
-  """Refuses a stage whose inputs `workdir` lacks, naming the mode making them.
-
-  Raises:
-    UsageError: for `linear_eval`, `export` and `evaluate` without a
-      pretraining configuration and checkpoint, and for `export` and
-      `evaluate` without the linear classifier.
-  """
-  if mode not in ("linear_eval", "export", "evaluate"):
-    return
-  # Called after `_split_cpu`, which imports TensorFlow.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from supcon_tf import rundir  # pylint: disable=g-import-not-at-top
-  pretrain_dir = rundir.pretrain_dir(workdir)
-  checkpoints = rundir.checkpoints_dir(pretrain_dir)
-  try:
-    state = tf.train.get_checkpoint_state(checkpoints)
-  except (ValueError, tf.errors.OpError):
-    state = None  # An unreadable index: as good as none.
-  listed = [] if state is None else state.all_model_checkpoint_paths
-  if not any(os.path.exists(os.path.join(
-      checkpoints, f"{os.path.basename(p)}.index")) for p in listed):
-    raise UsageError(f"no pretraining checkpoint in {checkpoints}: run "
-                     "--mode=pretrain (or all) first.")
-  config_path = os.path.join(pretrain_dir, rundir.CONFIG_FILE)
-  if not os.path.exists(config_path):
-    raise UsageError(f"no pretraining configuration {config_path} beside "
-                     "the checkpoints: run --mode=pretrain (or all) first.")
-  classifier = rundir.classifier_path(workdir)
-  if mode != "linear_eval" and not os.path.exists(classifier):
-    raise UsageError(f"no linear classifier {classifier}: run "
-                     "--mode=linear_eval (or all) first.")
-
-
-def _load_classifier(workdir):
-  import keras  # pylint: disable=g-import-not-at-top
-  from supcon_tf import rundir  # pylint: disable=g-import-not-at-top
-  path = rundir.classifier_path(workdir)
-  if not os.path.exists(path):
-    raise UsageError(f"{path} does not exist: run --mode=linear_eval first.")
-  return keras.saving.load_model(path)
-
-
-def _write_report(path, report, chief):
-  if chief:
-    from supcon_tf import rundir  # pylint: disable=g-import-not-at-top
-    rundir.atomic_write(path, json.dumps(report, indent=2, sort_keys=True))
-  return report
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -515,16 +390,20 @@ def main(argv):
     raise app.UsageError("--workdir is required, e.g. --workdir=runs/first")
   workdir = os.path.abspath(FLAGS.workdir)
   try:
-    config = train_config()  # Validates every training flag up front.
+    config = train_config()  # Validates every flag up front.
     linear_config()
+    eval_config()
   except (ValueError, OSError) as e:
     _fail(e)
   # Only now TensorFlow (seconds to import): flag errors come at once.
   _split_cpu(FLAGS.cpu_devices)
+  from supcon_tf import distributed  # pylint: disable=g-import-not-at-top
+  from supcon_tf import pipeline
+  from supcon_tf import rundir
   try:
     # Before anything is created: a stage without its inputs leaves the
     # work dir (or its absence) as it was.
-    check_prerequisites(FLAGS.mode, workdir)
+    pipeline.check_prerequisites(FLAGS.mode, workdir)
     os.makedirs(workdir, exist_ok=True)
   except (ValueError, OSError) as e:
     _fail(e)
@@ -535,12 +414,14 @@ def main(argv):
                  else contextlib.nullcontext())
   try:
     with progress_to:
-      report = run_pipeline(FLAGS.mode, workdir)
+      report = pipeline.run(
+          FLAGS.mode, workdir, train=config, linear=linear_config(),
+          evaluation_config=eval_config(),
+          strategy=distributed.make_strategy(FLAGS.strategy))
   except KeyboardInterrupt:
     _fail("interrupted; run the same command again to resume.")
   except Exception as e:  # pylint: disable=broad-except
     # Errors the user can fix are ValueError / TrainingError: one line.
-    from supcon_tf import rundir  # pylint: disable=g-import-not-at-top
     if isinstance(e, (ValueError, OSError, rundir.TrainingError)):
       logging.exception("Failed.")
       _fail(e)

@@ -10,6 +10,9 @@ import dataclasses
 import json
 from typing import Iterable, Optional, Tuple
 
+# What `supcon_tf.pipeline.run` (and --mode) runs; `train_ce` is `all` with
+# a cross-entropy pretraining.
+MODES = ("all", "pretrain", "linear_eval", "export", "evaluate", "train_ce")
 METHODS = ("supcon", "simclr", "npairs", "ce")
 CONTRAST_MODES = ("all", "one")
 SUMMATIONS = ("out", "in")
@@ -26,6 +29,7 @@ CENTER_CROP_MIN_SIZE = 128
 OPTIMIZERS = ("sgd", "lars", "adamw", "lamb")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+EMBEDDING_METHODS = ("pca", "tsne")
 
 
 def _check_choice(name: str, value: str, choices: Tuple[str, ...]) -> None:
@@ -265,6 +269,40 @@ class LinearEvalConfig:
         raise ValueError("learning_rates must be None or non-empty, got ().")
       for rate in self.learning_rates:
         _check_positive("learning_rates entries", rate)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """The report stage (`supcon_tf.evaluation.evaluate_workdir`).
+
+  Attributes:
+    robustness: measure corruption robustness (needs the linear classifier).
+    max_examples: test examples used for everything in the report.
+    knn_train_examples: training examples (validation held out) used as
+      k-NN neighbours.
+    k: k-NN neighbours (lowered to the number of neighbours available).
+    temperature: k-NN vote temperature.
+    batch_size: evaluation batch size.
+    embedding_method: 2-D projection of the embedding plot, "pca" or "tsne".
+    seed: seed of the corruption noise and of t-SNE.
+  """
+  robustness: bool = True
+  max_examples: int = 2000
+  knn_train_examples: int = 10_000
+  k: int = 200
+  temperature: float = 0.1
+  batch_size: int = 256
+  embedding_method: str = "pca"
+  seed: int = 0
+
+  def __post_init__(self):
+    for name in ("max_examples", "knn_train_examples", "k", "batch_size"):
+      value = getattr(self, name)
+      if value is None or value < 1:
+        raise ValueError(f"EvalConfig.{name} must be >= 1, got {value!r}.")
+    _check_positive("EvalConfig.temperature", self.temperature)
+    _check_choice("EvalConfig.embedding_method", self.embedding_method,
+                  EMBEDDING_METHODS)
 
 
 def to_dict(config) -> dict:

@@ -413,11 +413,8 @@ def _run_name(workdir: str) -> str:
 def evaluate_workdir(workdir: str, *, encoder: keras.Model,
                      classifier: Optional[keras.Model],
                      data_config: config_lib.DataConfig,
-                     robustness: bool = True, max_examples: int = 2000,
-                     seed: int = 0, knn_train_examples: int = 10_000,
-                     k: int = 200, temperature: float = 0.1,
-                     batch_size: int = 256,
-                     embedding_method: str = "pca") -> Dict[str, Any]:
+                     config: Optional[config_lib.EvalConfig] = None
+                     ) -> Dict[str, Any]:
   """kNN accuracy, corruption robustness and figures of a run directory.
 
   Writes, under `workdir`:
@@ -427,25 +424,19 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
     * with `robustness`: `robustness.json` (the `corruption_robustness`
       result) and `plots/robustness.png`.
 
-  The test examples are the first `max_examples` of the test split, the kNN
-  neighbours the first `knn_train_examples` of the train split (validation
-  held out), both without augmentation.
+  The test examples are the first `config.max_examples` of the test split,
+  the kNN neighbours the first `config.knn_train_examples` of the train split
+  (validation held out), both without augmentation.
 
   Args:
     workdir: the run directory.
     encoder: Keras model `[batch, H, W, 3] -> [batch, dim]` (the frozen
       representation).
     classifier: Keras model mapping float images in [0, 1] to logits (the
-      linear classifier); only needed with `robustness`.
+      linear classifier); only needed with `config.robustness`.
     data_config: the run's data configuration.
-    robustness: measure corruption robustness.
-    max_examples: test examples used for everything.
-    seed: noise seed of the corruptions and t-SNE seed.
-    knn_train_examples: training examples used as kNN neighbours.
-    k: neighbours (lowered to the number of neighbours available).
-    temperature: kNN vote temperature.
-    batch_size: evaluation batch size.
-    embedding_method: `"pca"` or `"tsne"` (see `plots.project_2d`).
+    config: what to measure and on how many examples (default
+      `EvalConfig()`).
 
   Returns:
     A JSON-ready dict: `{"knn_top1": float, "knn_k": int,
@@ -454,19 +445,13 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
     PNGs, relative to workdir], "notes": [what was skipped and why]}`.
 
   Raises:
-    ValueError: `robustness` without a classifier, or bad counts.
+    ValueError: `config.robustness` without a classifier.
   """
-  if robustness and classifier is None:
+  config = config or config_lib.EvalConfig()
+  if config.robustness and classifier is None:
     raise ValueError("robustness=True needs a classifier; pass the linear "
-                     "classifier or robustness=False.")
-  for name, value in (("max_examples", max_examples),
-                      ("knn_train_examples", knn_train_examples),
-                      ("k", k), ("batch_size", batch_size)):
-    if value is None or value < 1:
-      raise ValueError(f"{name} must be >= 1, got {value!r}.")
-  if embedding_method not in plots.EMBEDDING_METHODS:
-    raise ValueError(f"embedding_method={embedding_method!r} is not one of "
-                     f"{list(plots.EMBEDDING_METHODS)}.")
+                     "classifier or EvalConfig(robustness=False).")
+  batch_size = config.batch_size
   os.makedirs(os.path.join(workdir, PLOTS_DIR), exist_ok=True)
   written, notes = [], []
 
@@ -483,15 +468,15 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
 
   info = data.dataset_info(data_config)
   test = _first(data.eval_dataset(data_config, "test", batch_size=batch_size),
-                max_examples, batch_size)
+                config.max_examples, batch_size)
   train = _first(data.eval_dataset(data_config, "train",
                                    batch_size=batch_size),
-                 knn_train_examples, batch_size)
+                 config.knn_train_examples, batch_size)
   test_features, test_labels = embed(encoder, test)
   train_features, train_labels = embed(encoder, train)
-  k_used = min(k, len(train_labels))
+  k_used = min(config.k, len(train_labels))
   predictions = knn_predict(train_features, train_labels, test_features,
-                            k=k_used, temperature=temperature,
+                            k=k_used, temperature=config.temperature,
                             num_classes=info.num_classes)
   knn_top1 = float(np.mean(predictions == test_labels))
   logging.info("kNN top-1 (k=%d, %d neighbours, %d test images): %.4f",
@@ -499,12 +484,14 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
 
   plots.plot_embeddings(
       test_features, test_labels, plot_path("embeddings.png"),
-      class_names=info.class_names, method=embedding_method, seed=seed,
+      class_names=info.class_names, method=config.embedding_method,
+      seed=config.seed,
       title=f"{_run_name(workdir)}: {len(test_labels)} test embeddings")
 
   robustness_result = None
-  if robustness:
-    robustness_result = corruption_robustness(classifier, test, seed=seed)
+  if config.robustness:
+    robustness_result = corruption_robustness(classifier, test,
+                                              seed=config.seed)
     rundir.atomic_write(os.path.join(workdir, ROBUSTNESS_FILE),
                            json.dumps(robustness_result, indent=2))
     plots.plot_robustness({_run_name(workdir): robustness_result},

@@ -13,6 +13,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from supcon_tf import config as config_lib
 from supcon_tf import rundir
 
 # (panel title, scalar tags to look for in order): contrastive runs log
@@ -23,7 +24,7 @@ TRAINING_PANELS = (
     ("training top-1", ("nn_top1", "accuracy")),
     ("images / s", ("images_per_second",)),
 )
-EMBEDDING_METHODS = ("pca", "tsne")
+EMBEDDING_METHODS = config_lib.EMBEDDING_METHODS
 
 
 def _figure(rows: int, cols: int, *, width: float, height: float):

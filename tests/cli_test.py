@@ -251,11 +251,14 @@ def test_summary_table_is_short_and_readable():
 @pytest.mark.parametrize("as_json", [False, True])
 def test_report_goes_to_stdout_as_a_table_or_json(tmp_path, monkeypatch,
                                                   capsys, as_json):
-  def fake_pipeline(mode, workdir):
+  from supcon_tf import pipeline  # pylint: disable=g-import-not-at-top
+
+  def fake_run(mode, workdir, **configs):
+    del mode, workdir, configs
     print("pretraining 1,400 steps (progress)")
     return REPORT
 
-  monkeypatch.setattr(cli, "run_pipeline", fake_pipeline)
+  monkeypatch.setattr(pipeline, "run", fake_run)
   monkeypatch.setattr(logging.get_absl_handler(), "use_absl_log_file",
                       lambda *args, **kwargs: None)
   cli.FLAGS(["supcon-tf", f"--workdir={tmp_path}"] +

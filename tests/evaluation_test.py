@@ -507,8 +507,8 @@ def test_evaluate_workdir_end_to_end(tmp_path):
   with mock_cifar10(tmp_path):
     result = evaluation.evaluate_workdir(
         str(workdir), encoder=encoder, classifier=classifier,
-        data_config=data_config, max_examples=6, knn_train_examples=12,
-        batch_size=4)
+        data_config=data_config, config=config_lib.EvalConfig(
+            max_examples=6, knn_train_examples=12, batch_size=4))
     # The same kNN classifier, computed from scratch on the same examples.
     train = data.eval_dataset(data_config, "train", batch_size=12).take(1)
     test = data.eval_dataset(data_config, "test", batch_size=6).take(1)
@@ -546,8 +546,8 @@ def test_evaluate_workdir_without_events_or_robustness(tmp_path):
   with mock_cifar10(tmp_path, num_examples=8, num_train=8, num_test=8):
     result = evaluation.evaluate_workdir(
         str(workdir), encoder=encoder, classifier=None,
-        data_config=data_config, robustness=False, max_examples=5,
-        batch_size=4)
+        data_config=data_config, config=config_lib.EvalConfig(
+            robustness=False, max_examples=5, batch_size=4))
   assert result["knn_k"] == 8 and result["test_examples"] == 5
   assert result["robustness"] is None
   assert result["plots"] == ["plots/embeddings.png"]

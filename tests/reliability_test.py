@@ -69,6 +69,7 @@ from supcon_tf import config as config_lib
 from supcon_tf import export
 from supcon_tf import linear_eval
 from supcon_tf import models
+from supcon_tf import pipeline
 from supcon_tf import rundir
 from supcon_tf import train_lib
 
@@ -864,31 +865,32 @@ def _everything_in(directory):
 
 def test_later_stages_name_what_is_missing_and_the_mode_making_it(
     tmp_path, four_steps):
-  from supcon_tf import cli  # pylint: disable=g-import-not-at-top
   foreign = tmp_path / "foreign"
   (foreign / "pretrain" / "checkpoints").mkdir(parents=True)
   (foreign / "notes.txt").write_text("not a run")
   for workdir in (tmp_path / "missing", tmp_path, foreign):
     for mode in ("linear_eval", "export", "evaluate"):
-      with pytest.raises(cli.UsageError) as error:
-        cli.check_prerequisites(mode, str(workdir))
+      with pytest.raises(ValueError) as error:
+        pipeline.check_prerequisites(mode, str(workdir))
       assert str(error.value) == (
           f"no pretraining checkpoint in {workdir}/pretrain/checkpoints: run "
           "--mode=pretrain (or all) first.")
   pretrained = tmp_path / "pretrained"
   shutil.copytree(four_steps[0], pretrained / "pretrain")
-  cli.check_prerequisites("linear_eval", str(pretrained))
+  pipeline.check_prerequisites("linear_eval", str(pretrained))
   for mode in ("export", "evaluate"):
-    with pytest.raises(cli.UsageError, match=(
+    with pytest.raises(ValueError, match=(
         r"no linear classifier .*/linear_eval/classifier.keras: run "
         r"--mode=linear_eval \(or all\) first")):
-      cli.check_prerequisites(mode, str(pretrained))
+      pipeline.check_prerequisites(mode, str(pretrained))
   os.remove(pretrained / "pretrain" / "config.json")
-  with pytest.raises(cli.UsageError, match="no pretraining configuration"):
-    cli.check_prerequisites("linear_eval", str(pretrained))
+  with pytest.raises(ValueError, match="no pretraining configuration"):
+    pipeline.check_prerequisites("linear_eval", str(pretrained))
   for mode in ("all", "pretrain", "train_ce"):
-    cli.check_prerequisites(mode, str(tmp_path / "missing"))
+    pipeline.check_prerequisites(mode, str(tmp_path / "missing"))
   assert not (tmp_path / "missing").exists()
+  with pytest.raises(ValueError, match="mode='al' is not one of"):
+    pipeline.check_prerequisites("al", str(tmp_path))
 
 
 @pytest.mark.slow
