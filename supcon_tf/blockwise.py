@@ -97,7 +97,7 @@ def auto_block_size(contrast_rows):
 @tf.autograph.experimental.do_not_convert
 def blockwise_terms(anchors, contrast, ids=None, *, offset=0, temperature=0.1,
                     summation="out", denominator="all", positives_cap=None,
-                    scale_by_temperature=True, block_size=None):
+                    scale_by_temperature=True, block_size=None, queue=None):
   """`losses.supcon_terms` for class ids, in blocks of anchor rows.
 
   Computes exactly what the dense path computes for integer labels (or none)
@@ -118,6 +118,12 @@ def blockwise_terms(anchors, contrast, ids=None, *, offset=0, temperature=0.1,
       as in `losses.supcon_loss` (not validated here).
     block_size: anchor rows per block (rounded down to whole samples, at
       least one); None picks about 4M logits per block.
+    queue: None or `(features [K, dim] float32, ids [K] int32)`: extra
+      one-view contrast columns that get no gradient; id -1 = empty slot
+      (ignored), an id equal to the anchor's = positive, else negative (all
+      negatives when `ids` is None). Positives are counted per block from
+      sorted queue ids (no `[batch, K]` mask is built; a block holds
+      `[block, global_batch * views + K]` logits). Uses the masked kernel.
 
   Returns:
     `(loss, valid)`: `[batch]` float32 and `[batch]` bool, as
@@ -130,7 +136,7 @@ def blockwise_terms(anchors, contrast, ids=None, *, offset=0, temperature=0.1,
                 summation=summation, denominator=denominator,
                 positives_cap=positives_cap,
                 scale_by_temperature=scale_by_temperature,
-                block_size=block_size, class_sums=True)
+                block_size=block_size, class_sums=True, queue=queue)
 
 
 def _size(x):
@@ -301,7 +307,7 @@ class _SymmetricSweeps:
 
 def _terms(anchors, contrast, ids, *, offset, temperature, summation,
            denominator, positives_cap, scale_by_temperature, block_size,
-           class_sums):
+           class_sums, queue=None):
   """`blockwise_terms`; `class_sums=False` forces the masked kernel."""
   if block_size is not None and (isinstance(block_size, bool) or
                                  not isinstance(block_size, (int, np.integer))
@@ -318,8 +324,9 @@ def _terms(anchors, contrast, ids, *, offset, temperature, summation,
   if block_size is None:
     block_size = auto_block_size(cols if isinstance(cols, int) else None)
   # The per-class sums need the whole positive set of a class, so no cap.
-  class_sums = class_sums and (summation == "out" and denominator == "all" and
-                               (positives_cap is None or ids is None))
+  class_sums = class_sums and queue is None and (
+      summation == "out" and denominator == "all" and
+      (positives_cap is None or ids is None))
   # One replica, every view an anchor: the logits are symmetric.
   symmetric = (class_sums and same_tensor and isinstance(cols, int) and
                _SymmetricSweeps.plan(cols, int(block_size))[1] >=
@@ -347,6 +354,24 @@ def _terms(anchors, contrast, ids, *, offset, temperature, summation,
     others = tf.minimum(others, positives_cap // views)
   num_pos = (views - 1) + views * others
   has_negative = tf.gather(count, sample) < global_batch
+  if queue is not None:
+    queue_x, queue_ids = tf.cast(queue[0], tf.float32), queue[1]
+    queue_valid = queue_ids >= 0
+    if ids is None:  # no queue row is a positive
+      sample_id = tf.fill([padded], -2)
+      queue_match = tf.zeros([padded], tf.int32)
+    else:  # per sample, valid queue rows with its id, from sorted ids
+      sample_id = tf.gather(tf.reshape(tf.cast(ids, tf.int32), [-1]), sample)
+      sorted_ids = tf.sort(queue_ids)
+      queue_match = (tf.searchsorted(sorted_ids, sample_id, "right") -
+                     tf.searchsorted(sorted_ids, sample_id, "left"))
+    # Budget of queue positives left after the batch's kept ones.
+    queue_left = (queue_match if positives_cap is None else
+                  tf.maximum(positives_cap - views * others, 0))
+    num_pos += tf.minimum(queue_match, queue_left)
+    has_negative |= (tf.reduce_sum(tf.cast(queue_valid, tf.int32)) -
+                     queue_match) > 0
+    _, queue_rank, _ = _class_stats(queue_ids, _size(queue_x))
   valid = exists & (num_pos > 0)
   if denominator == "only_negatives":
     valid &= has_negative
@@ -380,6 +405,10 @@ def _terms(anchors, contrast, ids, *, offset, temperature, summation,
   block_pos = blocked(row_pos)
   block_inv_pos = blocked(row_inv_pos)
   block_has_negative = blocked(row_has_negative)
+  if queue is not None:
+    block_id = blocked(per_row(sample_id))
+    block_left = blocked(per_row(queue_left))
+  all_cols = cols if queue is None else cols + _size(queue_x)
 
   def softmax_block(b, a, c, row_w, full):
     """Default mode: logsumexp, P C and P^T (w A) with P the softmax."""
@@ -413,6 +442,15 @@ def _terms(anchors, contrast, ids, *, offset, temperature, summation,
       positive = same & not_self
       in_all = not_self
     negative = ~same
+    if queue is not None:  # one-view columns after the batch's
+      q_same = tf.equal(block_id[b][:, None], queue_ids[None, :]) & (
+          queue_valid[None, :])
+      q_negative = queue_valid[None, :] & ~q_same
+      if positives_cap is not None:
+        q_same &= queue_rank[None, :] < block_left[b][:, None]
+      positive = tf.concat([positive, q_same], 1)
+      in_all = tf.concat([in_all, q_same | q_negative], 1)
+      negative = tf.concat([negative, q_negative], 1)
     n = block_pos[b]
     inv_n = block_inv_pos[b][:, None]
     zero = tf.zeros_like(logits)
@@ -469,7 +507,7 @@ def _terms(anchors, contrast, ids, *, offset, temperature, summation,
     # One block at a time: parallel iterations would multiply the memory.
     result = tf.while_loop(
         lambda b, *_: b < num_blocks, body,
-        [tf.constant(0), tf.zeros([cols, dim])] + arrays,
+        [tf.constant(0), tf.zeros([all_cols, dim])] + arrays,
         parallel_iterations=1)
     if not full:
       return result[1]
@@ -512,6 +550,8 @@ def _terms(anchors, contrast, ids, *, offset, temperature, summation,
   def loss_fn(anchors, contrast):
     a = flat_anchors(anchors)
     c = tf.reshape(contrast, [cols, dim])
+    if queue is not None:  # constant columns: their gradient is dropped
+      c = tf.concat([c, tf.stop_gradient(queue_x)], 0)
     if class_sums:
       per_class = tf.math.unsorted_segment_sum(c, col_class, global_batch)
       positives = tf.gather(per_class, row_class) - tf.gather(c, row_self)
@@ -552,7 +592,7 @@ def _terms(anchors, contrast, ids, *, offset, temperature, summation,
       da, dc = tf.cond(uniform, lambda: (ref * da_fused, ref * dc_fused),
                        weighted)
       da = tf.reshape(da[:batch * anchor_views], tf.shape(anchors))
-      return da, tf.reshape(dc, tf.shape(contrast))
+      return da, tf.reshape(dc[:cols], tf.shape(contrast))
 
     return loss[:batch], grad
 

@@ -73,6 +73,10 @@ flags.DEFINE_enum("summation", "out", config_lib.SUMMATIONS, "L_out or L_in.")
 flags.DEFINE_enum("denominator", "all", config_lib.DENOMINATORS,
                   "Loss denominator.")
 flags.DEFINE_integer("positives_cap", None, "Cap on positive views per anchor.")
+flags.DEFINE_integer("queue_size", 0, "Memory queue of past keys (rows, one "
+                     "per view) added to the contrast set; 0 = off.")
+flags.DEFINE_float("key_encoder_momentum", 0.0, "0: queue keys from the "
+                   "online encoder (XBM); in (0, 1): from its EMA (MoCo).")
 flags.DEFINE_enum("optimizer", "adamw", config_lib.OPTIMIZERS, "Optimizer.")
 flags.DEFINE_float("learning_rate", 0.01, "Base learning rate for batch 256 "
                    "(scaled by batch/256).")
@@ -249,6 +253,8 @@ def _train_config_of_flags(method: str) -> config_lib.TrainConfig:
       checkpoint_every=FLAGS.checkpoint_every,
       jit_compile=FLAGS.jit_compile, precision=FLAGS.mixed_precision,
       seed=FLAGS.seed, deterministic=FLAGS.deterministic,
+      queue_size=FLAGS.queue_size,
+      key_encoder_momentum=FLAGS.key_encoder_momentum,
       loss=config_lib.LossConfig(
           temperature=FLAGS.temperature, contrast_mode=FLAGS.contrast_mode,
           summation=FLAGS.summation, denominator=FLAGS.denominator,

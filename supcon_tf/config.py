@@ -201,6 +201,12 @@ class TrainConfig:
       that are all GPUs; refused for several CPU replicas).
     precision: `float32`, `mixed_bfloat16` or `mixed_float16`.
     deterministic: enable TF op determinism (reproducible, slower).
+    queue_size: rows of a FIFO memory queue of past keys (one row per view)
+      added to every anchor's contrast set (`supcon` / `simclr`); 0 = off.
+      Must hold at least one step's keys, `batch_size * num_views`.
+    key_encoder_momentum: 0 = keys are the online embeddings with
+      stop-gradient (XBM); in (0, 1) = keys from an exponential moving
+      average copy of encoder + head (MoCo). Needs `queue_size > 0`.
   """
   method: str = "supcon"
   batch_size: int = 256
@@ -213,6 +219,8 @@ class TrainConfig:
   precision: str = "float32"
   seed: int = 0
   deterministic: bool = False
+  queue_size: int = 0
+  key_encoder_momentum: float = 0.0
   loss: LossConfig = dataclasses.field(default_factory=LossConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -228,6 +236,23 @@ class TrainConfig:
       _check_positive("epochs", self.epochs)
     else:
       _check_positive("steps", self.steps)
+    if self.queue_size:
+      if self.method not in ("supcon", "simclr"):
+        raise ValueError(f"queue_size={self.queue_size} needs method "
+                         f"'supcon' or 'simclr'; got {self.method!r}.")
+      keys = self.batch_size * self.data.num_views
+      if self.queue_size < keys:
+        raise ValueError(
+            f"queue_size={self.queue_size} is smaller than one step's keys "
+            f"(batch_size={self.batch_size} x num_views="
+            f"{self.data.num_views} = {keys}); use 0 (off) or >= {keys}.")
+    if not 0.0 <= self.key_encoder_momentum < 1.0:
+      raise ValueError(f"key_encoder_momentum={self.key_encoder_momentum} "
+                       "must be in [0, 1) (e.g. 0.99; 0 = no key encoder).")
+    if self.key_encoder_momentum and not self.queue_size:
+      raise ValueError(
+          f"key_encoder_momentum={self.key_encoder_momentum} needs a queue "
+          "(queue_size > 0): the key encoder only fills the queue.")
 
 
 @dataclasses.dataclass(frozen=True)

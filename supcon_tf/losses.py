@@ -36,7 +36,8 @@ DENOMINATORS = ("all", "one_positive", "only_negatives")
 def supcon_loss(features, labels=None, *, mask=None, temperature=0.1,
                 contrast_mode="all", summation="out", denominator="all",
                 positives_cap=None, scale_by_temperature=True,
-                gather=False, block_size=None):
+                gather=False, block_size=None, queue_features=None,
+                queue_labels=None):
   """Per-sample supervised contrastive loss.
 
   Args:
@@ -78,6 +79,21 @@ def supcon_loss(features, labels=None, *, mask=None, temperature=0.1,
       same values and gradients with O(block_size * contrast_rows) memory
       instead of several O(rows^2) matrices (`supcon_tf.blockwise`); it is
       not differentiable twice.
+    queue_features: optional `[K, dim]` extra contrast rows (a memory queue
+      of past keys, MoCo / XBM), one view each, expected L2-normalised. They
+      join every anchor's contrast set and receive no gradient
+      (`tf.stop_gradient`); they are never anchors. Not gathered: under
+      `gather=True` the queue is the same on every replica.
+    queue_labels: `[K]` integer class ids of the queue rows, required with
+      `queue_features`; `-1` marks an empty slot, which is ignored entirely
+      (neither positive nor negative). A valid row whose label equals the
+      anchor's label is a positive, any other a negative; with
+      `labels=None` every valid row is a negative. `positives_cap` counts
+      queue positives after the batch's: the batch's positive samples are
+      kept first (whole samples, in batch order), then queue positives in
+      slot order until `positives_cap` views are kept; capped-away queue
+      positives leave the denominator too. A queue needs `[batch]` class
+      ids or no labels (not multi-hot labels nor a mask).
 
   Returns:
     `[batch]` float32: for each sample, the mean loss over its anchor views
@@ -97,21 +113,25 @@ def supcon_loss(features, labels=None, *, mask=None, temperature=0.1,
       multi-hot labels other than 0/1, both labels and mask, a temperature
       <= 0, an unknown mode string, or a cap that is negative or not a
       multiple of `views`, a block_size that is not None or an int >= 0, or
-      a positive block_size with multi-hot labels or a mask.
+      a positive block_size with multi-hot labels or a mask; queue_features
+      without queue_labels (or the reverse), a queue whose width is not
+      `dim`, queue_labels whose length is not `K` or that are < -1 or not
+      integral, a queue with multi-hot labels or a mask.
   """
   loss, _ = supcon_terms(
       features, labels, mask=mask, temperature=temperature,
       contrast_mode=contrast_mode, summation=summation,
       denominator=denominator, positives_cap=positives_cap,
       scale_by_temperature=scale_by_temperature, gather=gather,
-      block_size=block_size)
+      block_size=block_size, queue_features=queue_features,
+      queue_labels=queue_labels)
   return loss
 
 
 def supcon_terms(features, labels=None, *, mask=None, temperature=0.1,
                  contrast_mode="all", summation="out", denominator="all",
                  positives_cap=None, scale_by_temperature=True, gather=False,
-                 block_size=None):
+                 block_size=None, queue_features=None, queue_labels=None):
   """`supcon_loss` and, per sample, whether any of its anchors counted.
 
   Arguments as `supcon_loss`.
@@ -126,6 +146,8 @@ def supcon_terms(features, labels=None, *, mask=None, temperature=0.1,
       features, labels, mask, temperature, contrast_mode, summation,
       denominator, positives_cap)
   _validate_block_size(block_size, labels, mask)
+  queue = _validate_queue(queue_features, queue_labels, labels, mask,
+                          features.shape)
   batch = tf.shape(features)[0]
   contrast = features
   offset = tf.constant(0, tf.int32)
@@ -146,9 +168,12 @@ def supcon_terms(features, labels=None, *, mask=None, temperature=0.1,
   def dense():
     same = _same_sample_or_label(labels, mask, batch, tf.shape(contrast)[0],
                                  offset)
+    queue_positive = None
+    if queue is not None:
+      queue_positive = _queue_match(labels, offset, batch, queue[1])
     return _dense_terms(anchors, contrast, same, offset, temperature,
                         summation, denominator, positives_cap,
-                        scale_by_temperature)
+                        scale_by_temperature, queue, queue_positive)
 
   def blocks():
     return blockwise.blockwise_terms(
@@ -156,20 +181,25 @@ def supcon_terms(features, labels=None, *, mask=None, temperature=0.1,
         summation=summation, denominator=denominator,
         positives_cap=positives_cap,
         scale_by_temperature=scale_by_temperature,
-        block_size=block_size or None)
+        block_size=block_size or None, queue=queue)
 
   if block_size == 0 or mask is not None or (labels is not None and
                                               labels.dtype == tf.bool):
     return dense()
   if block_size is not None:
     return blocks()
+  queue_rows = 0 if queue is None else queue[0].shape[0]
   anchor_rows, contrast_rows = anchors.shape[0], contrast.shape[0]
-  if anchor_rows is not None and contrast_rows is not None:
-    logits = anchor_rows * anchors.shape[1] * contrast_rows * views
+  if (anchor_rows is not None and contrast_rows is not None and
+      queue_rows is not None):
+    logits = anchor_rows * anchors.shape[1] * (contrast_rows * views +
+                                               queue_rows)
     return blocks() if logits > blockwise.AUTO_MIN_LOGITS else dense()
   # Batch unknown while tracing: decide per call.
+  queue_rows = (0 if queue is None else
+                tf.shape(queue[0], tf.int64)[0])
   logits = (tf.shape(anchors, tf.int64)[0] * anchors.shape[1] *
-            tf.shape(contrast, tf.int64)[0] * views)
+            (tf.shape(contrast, tf.int64)[0] * views + queue_rows))
   return tf.cond(logits > blockwise.AUTO_MIN_LOGITS, blocks, dense)
 
 
@@ -210,6 +240,65 @@ def _validate(features, labels, mask, temperature, contrast_mode, summation,
           f"[batch, global_batch] when gathering); got {mask.shape}.")
     mask = tf.not_equal(mask, tf.zeros([], mask.dtype))
   return features, labels, mask, views
+
+
+def _validate_queue(queue_features, queue_labels, labels, mask,
+                    features_shape):
+  """Returns `(float32 [K, dim] stop-gradient queue, int32 [K] ids)` or None.
+  """
+  if queue_features is None and queue_labels is None:
+    return None
+  if queue_features is None or queue_labels is None:
+    missing = "queue_labels" if queue_labels is None else "queue_features"
+    raise ValueError(
+        f"queue_features and queue_labels go together; {missing} is None "
+        "(give queue_labels -1 for empty queue slots).")
+  if mask is not None or (labels is not None and labels.dtype == tf.bool):
+    raise ValueError(
+        "A queue needs [batch] class ids or no labels; multi-hot labels and "
+        "explicit masks cannot say which queue rows are positives.")
+  queue = tf.convert_to_tensor(queue_features)
+  if queue.shape.rank != 2 or queue.shape[1] != features_shape[2]:
+    raise ValueError(
+        f"queue_features must have shape [K, dim] with dim = "
+        f"{features_shape[2]} (features {features_shape}); got "
+        f"{queue.shape}.")
+  if not queue.dtype.is_floating:
+    raise ValueError(
+        f"queue_features must be floating point, got {queue.dtype}.")
+  queue_labels = tf.convert_to_tensor(queue_labels)
+  if queue_labels.shape.rank == 2 and queue_labels.shape[1] == 1:
+    queue_labels = tf.squeeze(queue_labels, 1)
+  if queue_labels.shape.rank != 1 or (
+      queue.shape[0] is not None and
+      queue_labels.shape[0] not in (None, queue.shape[0])):
+    raise ValueError(
+        f"queue_labels must have shape [K] = [{queue.shape[0]}] (queue "
+        f"{queue.shape}); got {queue_labels.shape}.")
+  if not (queue_labels.dtype.is_integer or queue_labels.dtype.is_floating):
+    raise ValueError(
+        f"queue_labels must be integer class ids, got {queue_labels.dtype}.")
+  if queue_labels.dtype.is_floating:
+    _check(tf.reduce_all(tf.equal(queue_labels, tf.round(queue_labels))),
+           "queue_labels must be integer class ids (-1 = empty slot); got "
+           "non-integer values.", queue_labels)
+  _check(tf.reduce_all(queue_labels >= -1),
+         "queue_labels must be class ids >= 0 or -1 (empty slot); got "
+         "values < -1.", queue_labels)
+  _check(tf.equal(tf.shape(queue_labels)[0], tf.shape(queue)[0]),
+         f"queue_labels must have one label per queue row (queue "
+         f"{queue.shape}).", tf.shape(queue_labels))
+  return (tf.stop_gradient(tf.cast(queue, tf.float32)),
+          tf.cast(queue_labels, tf.int32))
+
+
+def _queue_match(labels, offset, batch, queue_labels):
+  """`[batch, K]` bool: queue rows with the local sample's label."""
+  if labels is None:
+    return tf.zeros([batch, tf.shape(queue_labels)[0]], tf.bool)
+  local = labels[offset:offset + batch]
+  return tf.equal(local[:, None], queue_labels[None, :]) & (
+      queue_labels >= 0)[None, :]
 
 
 def _validate_block_size(block_size, labels, mask):
@@ -316,7 +405,8 @@ def _masked_logsumexp(x, keep, axis=-1):
 
 
 def _dense_terms(anchors, contrast, same, offset, temperature, summation,
-                 denominator, positives_cap, scale_by_temperature):
+                 denominator, positives_cap, scale_by_temperature,
+                 queue=None, queue_positive=None):
   """The loss with `[anchor_rows, contrast_rows]` matrices.
 
   Args:
@@ -324,6 +414,8 @@ def _dense_terms(anchors, contrast, same, offset, temperature, summation,
     contrast: `[global_batch, views, dim]` float32.
     same: `[batch, global_batch]` bool positive candidates (incl. own).
     offset: scalar int32, global row of local sample 0.
+    queue: None or `(features [K, dim], labels [K])`, extra columns.
+    queue_positive: `[batch, K]` bool, queue rows with the sample's label.
   """
   batch, anchor_views = tf.shape(anchors)[0], anchors.shape[1]
   global_batch, views = tf.shape(contrast)[0], contrast.shape[1]
@@ -341,12 +433,28 @@ def _dense_terms(anchors, contrast, same, offset, temperature, summation,
   self_view = tf.reshape(
       own[:, None, :, None] & tf.eye(anchor_views, views, dtype=tf.bool)[
           None, :, None, :], [batch * anchor_views, global_batch * views])
+  kept_others = tf.reduce_sum(tf.cast(positive & ~own, tf.int32), 1)
   positive = tile(positive) & ~self_view
   negative = tile(~same)
+  columns = tf.reshape(contrast, [-1, contrast.shape[2]])
+  if queue is not None:
+    # Queue rows are one-view columns after the batch's.
+    queue_negative = ~queue_positive & (queue[1] >= 0)[None, :]
+    if positives_cap is not None:  # the batch's kept positives count first
+      left = positives_cap - views * kept_others
+      rank = tf.cumsum(tf.cast(queue_positive, tf.int32), axis=1)
+      queue_positive &= rank <= left[:, None]
+
+    def tile_queue(sample_mask):  # [batch, K] -> [batch*Va, K]
+      return tf.reshape(tf.repeat(sample_mask[:, None], anchor_views, 1),
+                        [batch * anchor_views, -1])
+
+    positive = tf.concat([positive, tile_queue(queue_positive)], 1)
+    negative = tf.concat([negative, tile_queue(queue_negative)], 1)
+    columns = tf.concat([columns, queue[0]], 0)
 
   temperature = tf.cast(temperature, tf.float32)
-  logits = tf.matmul(tf.reshape(anchors, [-1, anchors.shape[2]]),
-                     tf.reshape(contrast, [-1, contrast.shape[2]]),
+  logits = tf.matmul(tf.reshape(anchors, [-1, anchors.shape[2]]), columns,
                      transpose_b=True) / temperature
   num_positives = tf.reduce_sum(tf.cast(positive, tf.float32), 1,
                                 keepdims=True)

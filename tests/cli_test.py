@@ -63,6 +63,17 @@ def test_defaults_are_the_measured_budget_configuration(monkeypatch):
   assert resolve(None, monkeypatch) == budget
 
 
+def test_queue_flags_reach_the_train_config(monkeypatch):
+  monkeypatch.chdir(EXPERIMENTS.parent)
+  cli.FLAGS(["supcon-tf", "--workdir=unused", "--batch_size=64",
+             "--queue_size=8192", "--key_encoder_momentum=0.99"])
+  try:
+    train = cli.train_config()
+  finally:
+    cli.FLAGS.unparse_flags()
+  assert (train.queue_size, train.key_encoder_momentum) == (8192, 0.99)
+
+
 # The official PyTorch SupContrast commands (README; main_supcon.py and
 # main_ce.py defaults otherwise): SGD, momentum 0.9, weight decay 1e-4 coupled
 # into the gradient, batch 1024. Its SupCon / SimCLR loss is times

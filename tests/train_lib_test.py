@@ -392,5 +392,123 @@ def test_batch_not_divisible_by_replicas():
     train_lib.check_batch(8, 3)
 
 
+# ---------------------------------------------------------------------------
+# Memory queue and key encoder.
+
+
+def queue_state(trainer):
+  return (trainer.queue.numpy(), trainer.queue_labels.numpy(),
+          int(trainer.queue_pointer.numpy()))
+
+
+def test_queue_is_fifo_and_wraps_around():
+  keys = GLOBAL_BATCH * VIEWS  # written per step
+  trainer = make_trainer(1, tiny_config(queue_size=keys + keys // 2))
+  assert np.all(trainer.queue_labels.numpy() == -1)
+  train(trainer, 1)
+  first, first_labels, pointer = queue_state(trainer)
+  assert pointer == keys
+  np.testing.assert_array_equal(first_labels[:keys],
+                                np.repeat(global_batch(0)[1], VIEWS))
+  assert np.all(first_labels[keys:] == -1)
+  np.testing.assert_allclose(np.linalg.norm(first[:keys], axis=1), 1.0,
+                             rtol=1e-5)
+  train_more = make_trainer(1, tiny_config(queue_size=keys + keys // 2))
+  train(train_more, 2)
+  second, second_labels, pointer = queue_state(train_more)
+  assert pointer == keys // 2
+  step1 = np.repeat(global_batch(1)[1], VIEWS)
+  # Step 1's keys fill the free half, then wrap onto step 0's oldest rows.
+  np.testing.assert_array_equal(second_labels[keys:], step1[:keys // 2])
+  np.testing.assert_array_equal(second_labels[:keys // 2], step1[keys // 2:])
+  np.testing.assert_array_equal(second_labels[keys // 2:keys],
+                                first_labels[keys // 2:keys])
+
+
+def test_empty_queue_gives_the_loss_without_queue(reference):
+  initial, losses, _ = reference
+  trainer = make_trainer(1, tiny_config(queue_size=64), initial)
+  got = train(trainer, 2)
+  assert got[0] == pytest.approx(losses[0], rel=1e-6)  # all slots -1
+  assert abs(got[1] - losses[1]) > 1e-4  # step 1 sees step 0's keys
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_queue_on_replicas_matches_single_device(momentum):
+  config = tiny_config(queue_size=24, key_encoder_momentum=momentum)
+  single = make_trainer(1, config)
+  initial = weights(single)
+  want = train(single, 3)
+  double = make_trainer(2, config, initial)
+  if momentum:
+    for key, online in double._key_pairs():  # pylint: disable=protected-access
+      key.assign(online)
+  np.testing.assert_allclose(train(double, 3), want, rtol=1e-5, atol=1e-6)
+  queue, labels, pointer = queue_state(single)
+  for replica in range(2):  # every replica's copy
+    np.testing.assert_allclose(
+        double.strategy.experimental_local_results(double.queue)[
+            replica].numpy(), queue, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(
+        double.strategy.experimental_local_results(double.queue_labels)[
+            replica].numpy(), labels)
+  assert int(double.queue_pointer.numpy()) == pointer
+  for got, ref in zip(weights(double), weights(single)):
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_key_encoder_is_a_moving_average():
+  m = 0.75
+  trainer = make_trainer(1, tiny_config(queue_size=32,
+                                        key_encoder_momentum=m))
+  start = weights(trainer)
+  train(trainer, 1)
+  after_one = weights(trainer)
+  train(trainer, 1)  # the update before step 2 mixes in step 1's weights
+  for (key, online), w0, w1 in zip(trainer._key_pairs(), start, after_one):  # pylint: disable=protected-access
+    if key.trainable:
+      np.testing.assert_allclose(key.numpy(), m * w0 + (1 - m) * w1,
+                                 rtol=1e-5, atol=1e-6)
+    del online
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_pretrain_resume_with_queue_is_bit_exact(tmp_path, momentum):
+  config = tiny_config(deterministic=True, queue_size=24,
+                       key_encoder_momentum=momentum)
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train_lib.pretrain(config, str(straight), dataset_fn=synthetic_dataset_fn,
+                     verbose=False)
+  train_lib.pretrain(config, str(resumed), dataset_fn=synthetic_dataset_fn,
+                     stop_at_step=2, verbose=False)
+  train_lib.pretrain(config, str(resumed), dataset_fn=synthetic_dataset_fn,
+                     verbose=False)
+  a = tf.train.load_checkpoint(str(straight / "checkpoints"))
+  b = tf.train.load_checkpoint(str(resumed / "checkpoints"))
+  names = a.get_variable_to_shape_map()
+  assert any(n.startswith("queue/") for n in names)
+  assert any(n.startswith("queue_pointer/") for n in names)
+  assert any(n.startswith("key_encoder/") for n in names) == bool(momentum)
+  assert set(names) == set(b.get_variable_to_shape_map())
+  for name in names:
+    if not name.startswith(("save_counter", "_CHECKPOINTABLE")):
+      np.testing.assert_array_equal(a.get_tensor(name), b.get_tensor(name),
+                                    err_msg=name)
+  assert int(a.get_tensor("queue_pointer/.ATTRIBUTES/VARIABLE_VALUE")) == (
+      4 * GLOBAL_BATCH * VIEWS) % 24
+
+
+@pytest.mark.parametrize("train,expected", [
+    (dict(queue_size=8), "smaller than one step's keys"),
+    (dict(queue_size=64, method="ce"), "needs method"),
+    (dict(queue_size=64, key_encoder_momentum=1.0), r"in \[0, 1\)"),
+    (dict(key_encoder_momentum=0.9), "needs a queue"),
+])
+def test_bad_queue_config_raises(train, expected):
+  method = train.pop("method", "supcon")
+  with pytest.raises(ValueError, match=expected):
+    tiny_config(method, **train)
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
