@@ -127,7 +127,8 @@ FLAG_GROUPS = (
               "blur", "eval_crop", "skip_corrupt")),
     ("model", ("encoder", "stem", "width", "head", "projection_dim")),
     ("loss", ("method", "temperature", "contrast_mode", "summation",
-              "denominator", "positives_cap")),
+              "denominator", "positives_cap", "queue_size",
+              "key_encoder_momentum")),
     ("optimisation", (
         "batch_size", "epochs", "steps", "optimizer", "learning_rate",
         "lr_scaling", "lr_schedule", "warmup_epochs", "momentum",
