@@ -456,9 +456,17 @@ def _as_flags(message: str) -> str:
       message)
 
 
+def _parse_flags(argv):
+  """absl's parsing, with a bad flag as one `supcon-tf: error:` line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{e} (--help lists the flags)")
+
+
 def run():
   """Console-script entry point."""
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -174,11 +174,10 @@ def test_train_examples_must_be_positive():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_TFDS, "cifar10")),
-                    reason="offline CIFAR-10 copy not present")
+@pytest.mark.skipif(not TFDS_DATA_DIR, reason="TFDS_DATA_DIR is not set")
 def test_offline_cifar10_train_examples_are_the_first_ones():
-  full = config.DataConfig(data_dir=SHARED_TFDS, validation_fraction=0.998)
-  subset = config.DataConfig(data_dir=SHARED_TFDS, validation_fraction=0.998,
+  full = config.DataConfig(data_dir=TFDS_DATA_DIR, validation_fraction=0.998)
+  subset = config.DataConfig(data_dir=TFDS_DATA_DIR, validation_fraction=0.998,
                              train_examples=40)
   info = data.dataset_info(subset)
   assert (info.num_train, info.num_val) == (40, 49900)
@@ -186,11 +185,11 @@ def test_offline_cifar10_train_examples_are_the_first_ones():
   train, labels = _collect(subset, "train")
   np.testing.assert_array_equal(train, train_all[:40])
   assert labels.shape == (40,)
-  tail = config.DataConfig(data_dir=SHARED_TFDS, validation_fraction=0.0002,
+  tail = config.DataConfig(data_dir=TFDS_DATA_DIR, validation_fraction=0.0002,
                            train_examples=3)
   (images, _), = _batches(data.eval_dataset(tail, "validation",
                                             batch_size=20), 1)
-  full_tail = config.DataConfig(data_dir=SHARED_TFDS,
+  full_tail = config.DataConfig(data_dir=TFDS_DATA_DIR,
                                 validation_fraction=0.0002)
   (expected, _), = _batches(data.eval_dataset(full_tail, "validation",
                                               batch_size=20), 1)

@@ -851,7 +851,10 @@ def test_command_line_messages_name_flags(cli_runs):
 def test_command_line_rejects_unknown_flag_value(cli_runs):
   result = cli_runs["flag_value"]
   assert result["rc"] == 1 and result["unchanged"]
-  assert "flag --method=supcom: value should be one of" in result["stderr"]
+  assert result["errors"] == [
+      "supcon-tf: error: flag --method=supcom: value should be one of "
+      "<supcon|simclr|npairs|ce> (--help lists the flags)"], result["stderr"]
+  assert result["stderr"].strip() == result["errors"][0]
 
 
 def _everything_in(directory):
