@@ -290,7 +290,8 @@ def linear_config() -> config_lib.LinearEvalConfig:
   return config_lib.override(config_lib.LinearEvalConfig(
       epochs=FLAGS.linear_epochs, batch_size=FLAGS.linear_batch_size,
       learning_rate=rates[0], learning_rates=rates,
-      augment=FLAGS.linear_augment, seed=FLAGS.seed), _overrides(prefix=_LINEAR_PREFIX))
+      augment=FLAGS.linear_augment, seed=FLAGS.seed),
+      _overrides(prefix=_LINEAR_PREFIX))
 
 
 # What TensorFlow's C++ runtime prints at start-up on a machine without a

@@ -312,9 +312,9 @@ def exclude_norm_and_bias(optimizer: keras.optimizers.Optimizer,
 
   `build_optimizer` already excludes Keras's norm and bias variables by
   name; this also catches rank-1 variables whatever their name, and
-  variables whose path contains one of `patterns`. Call it before the optimiser's
-  first step (Keras refuses once the optimiser is built). It replaces any
-  earlier `exclude_from_weight_decay` setting.
+  variables whose path contains one of `patterns`. Call it before the
+  optimiser's first step (Keras refuses once the optimiser is built). It
+  replaces any earlier `exclude_from_weight_decay` setting.
 
   Args:
     optimizer: an unbuilt Keras optimiser (any of `build_optimizer`'s).

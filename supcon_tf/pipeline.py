@@ -1,4 +1,4 @@
-"""The stages of a run on one work dir: pretrain -> linear eval -> export -> report.
+"""The stages of a run: pretrain -> linear eval -> export -> report.
 
 The command line, the tests and a notebook call the same function:
 

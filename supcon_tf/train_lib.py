@@ -34,7 +34,6 @@ from supcon_tf import optimizers
 from supcon_tf import rundir
 
 
-
 @dataclasses.dataclass
 class TrainResult:
   step: int
@@ -394,8 +393,9 @@ def _check_writable(workdir: str) -> None:
       f.write("")
     tf.io.gfile.remove(probe)
   except (tf.errors.OpError, OSError) as e:
-    raise rundir.TrainingError(f"Work dir {workdir} is not writable ({e}). Choose "
-                        "another --workdir or fix its permissions.") from None
+    raise rundir.TrainingError(
+        f"Work dir {workdir} is not writable ({e}). Choose another "
+        "--workdir or fix its permissions.") from None
 
 
 class CheckpointSaver:
@@ -577,10 +577,10 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
   Writes `config.json`, checkpoints under `checkpoints/` (model, optimizer
   and step), and TensorBoard summaries under `train/`. A resumed run
   rebuilds its input pipeline at the restored step, so it continues on
-  exactly the batches an uninterrupted run would see, under every strategy. A crash loses at
-  most the steps since the last checkpoint. A non-finite loss or weight
-  stops the run with `TrainingError` before anything is saved over the last
-  good checkpoint. `config.json` is written once the data and any checkpoint
+  exactly the batches an uninterrupted run would see, under every
+  strategy. A crash loses at most the steps since the last checkpoint. A
+  non-finite loss or weight stops the run with `TrainingError` before
+  anything is saved over the last good checkpoint. `config.json` is written once the data and any checkpoint
   have loaded.
 
   Args:
