@@ -580,8 +580,8 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
   exactly the batches an uninterrupted run would see, under every
   strategy. A crash loses at most the steps since the last checkpoint. A
   non-finite loss or weight stops the run with `TrainingError` before
-  anything is saved over the last good checkpoint. `config.json` is written once the data and any checkpoint
-  have loaded.
+  anything is saved over the last good checkpoint. `config.json` is
+  written once the data and any checkpoint have loaded.
 
   Args:
     config: the run.
