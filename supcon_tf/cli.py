@@ -232,8 +232,11 @@ _EVAL_PREFIX = "eval."
 
 
 def _overrides(prefix: str = ""):
-  """The --set items of one config: `prefix` "linear." / "eval." or ""
-  (TrainConfig, items without those prefixes), prefix removed."""
+  """The --set items of one config, prefix removed.
+
+  `prefix` is "linear." (LinearEvalConfig), "eval." (EvalConfig) or ""
+  (TrainConfig: the items with neither prefix).
+  """
   prefixes = (_LINEAR_PREFIX, _EVAL_PREFIX)
   return [item[len(prefix):] for item in FLAGS.set
           if item.startswith(prefix) and
