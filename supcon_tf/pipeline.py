@@ -163,9 +163,11 @@ def _later_stages(stages, workdir, report, linear, evaluation_config,
     report["linear_eval"] = {**result.to_dict(),
                              "seconds_this_run": round(time.time() - start, 1)}
     classifier.save(rundir.classifier_path(workdir))
+  if "export" in stages or "evaluate" in stages:
+    classifier = load_classifier(workdir)  # As saved: what is served.
   if "export" in stages:
     path = export.export_classifier(
-        load_classifier(workdir), rundir.export_dir(workdir),
+        classifier, rundir.export_dir(workdir),
         image_size=config.data.image_size, encoder=encoder,
         class_names=data.dataset_info(config.data).class_names,
         eval_crop=config.data.resolved_eval_crop)
@@ -176,7 +178,7 @@ def _later_stages(stages, workdir, report, linear, evaluation_config,
         f"{'corruption robustness, ' if evaluation_config.robustness else ''}"
         "plots")
     report["evaluation"] = evaluation.evaluate_workdir(
-        workdir, encoder=encoder, classifier=load_classifier(workdir),
+        workdir, encoder=encoder, classifier=classifier,
         data_config=config.data, config=evaluation_config)
 
 
