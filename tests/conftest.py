@@ -1,11 +1,15 @@
 """Shared test set-up: runs before any test module touches TensorFlow."""
 
 import contextlib
+import math
 import os
+import resource
+import signal
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -91,3 +95,61 @@ class InfGradientOnReplica(keras.layers.Layer):
                         tf.constant(float("inf"), dy.dtype), dy)
       return tf.identity(x), grad
     return identity(x)
+
+
+def overflow_encoder(image_size, overflow):
+  """Flatten -> Dense -> `InfGradientOnReplica(1, overflow)`; build in scope."""
+  return keras.Sequential([
+      keras.Input((image_size, image_size, 3)), keras.layers.Flatten(),
+      keras.layers.Dense(16), InfGradientOnReplica(1, overflow)])
+
+
+@contextlib.contextmanager
+def file_size_limit(limit_bytes):
+  """Writes past `limit_bytes` in any file fail (EFBIG), as on a full disk."""
+  old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+  old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, old_limit[1]))
+  try:
+    yield
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+    signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def logsumexp(values):
+  """float64 log-sum-exp of a list of numbers (reference losses)."""
+  values = np.asarray(values, np.float64)
+  top = values.max()
+  return float(top + np.log(np.sum(np.exp(values - top))))
+
+
+def reference_anchor_loss(positives, negatives, *, denominator, summation,
+                          temperature, scale_by_temperature):
+  """One anchor's SupCon loss from its positive and negative logits.
+
+  The NumPy reference of `supcon_tf.supcon_loss` per anchor, shared by the
+  loss tests with and without a queue.
+
+  Returns:
+    The loss, or None when the anchor has no term (no positive, or no
+    negative with `denominator="only_negatives"`).
+  """
+  if not positives or (denominator == "only_negatives" and not negatives):
+    return None
+  log_negatives = logsumexp(negatives) if negatives else -np.inf
+  log_all = logsumexp(positives + negatives)
+  log_probs = []
+  for logit in positives:
+    if denominator == "all":
+      log_den = log_all
+    elif denominator == "one_positive":
+      log_den = float(np.logaddexp(logit, log_negatives))
+    else:
+      log_den = log_negatives
+    log_probs.append(logit - log_den)
+  if summation == "out":
+    loss = -np.mean(log_probs)
+  else:
+    loss = math.log(len(log_probs)) - logsumexp(log_probs)
+  return loss * temperature if scale_by_temperature else loss

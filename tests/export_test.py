@@ -12,9 +12,7 @@ import contextlib
 import errno
 import json
 import os
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -25,6 +23,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import conftest
 from supcon_tf import config
 from supcon_tf import data
 from supcon_tf import export
@@ -543,19 +542,6 @@ def test_crash_during_write_keeps_previous_version(tmp_path, monkeypatch,
 
 
 
-@contextlib.contextmanager
-def _file_size_limit(limit_bytes):
-  """Writes past `limit_bytes` in any file fail (EFBIG), as on a full disk."""
-  old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-  old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
-  resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, old_limit[1]))
-  try:
-    yield
-  finally:
-    resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
-    signal.signal(signal.SIGXFSZ, old_handler)
-
-
 @pytest.mark.parametrize("failure", ["enospc", "file_size_limit"])
 def test_full_disk_is_one_line_and_keeps_previous_version(tmp_path,
                                                           monkeypatch,
@@ -578,7 +564,7 @@ def test_full_disk_is_one_line_and_keeps_previous_version(tmp_path,
     limit = contextlib.nullcontext()
   else:
     # The real writer (TensorFlow's C++ file system) failing mid-file.
-    limit = _file_size_limit(
+    limit = conftest.file_size_limit(
         max(os.path.getsize(p) for p in tf.io.gfile.glob(
             os.path.join(first, "**", "*")) if os.path.isfile(p)) // 2)
   with limit, pytest.raises(OSError) as error:

@@ -287,10 +287,7 @@ def test_float16_overflow_on_one_replica_skips_the_step_everywhere(
   strategy = conftest.make_mirrored(2)
   overflow = tf.Variable(True, trainable=False)
   with strategy.scope():
-    encoder = keras.Sequential([
-        keras.Input((IMAGE, IMAGE, 3)), keras.layers.Flatten(),
-        keras.layers.Dense(16),
-        conftest.InfGradientOnReplica(1, overflow)])
+    encoder = conftest.overflow_encoder(IMAGE, overflow)
     model = keras_model.SupConModel(encoder,
                                     models.ProjectionHead(output_dim=DIM))
     model.build((None, VIEWS, IMAGE, IMAGE, 3))

@@ -1,7 +1,6 @@
 """Tests for supcon_tf.losses with an external contrast set (a memory queue)."""
 
 import itertools
-import math
 import os
 import sys
 
@@ -14,11 +13,6 @@ import tensorflow as tf
 import conftest
 from supcon_tf import losses
 
-
-def _logsumexp(values):
-  values = np.asarray(values, np.float64)
-  top = values.max()
-  return float(top + np.log(np.sum(np.exp(values - top))))
 
 
 def reference_queue(features, labels, queue, queue_labels, temperature=0.1,
@@ -64,27 +58,11 @@ def reference_queue(features, labels, queue, queue_labels, temperature=0.1,
           positives.append(logit)
         elif k not in queue_partners:
           negatives.append(logit)
-      if not positives or (denominator == "only_negatives" and
-                           not negatives):
-        continue
-      log_negatives = _logsumexp(negatives) if negatives else -np.inf
-      log_all = _logsumexp(positives + negatives)
-      log_probs = []
-      for logit in positives:
-        if denominator == "all":
-          log_den = log_all
-        elif denominator == "one_positive":
-          log_den = float(np.logaddexp(logit, log_negatives))
-        else:
-          log_den = log_negatives
-        log_probs.append(logit - log_den)
-      if summation == "out":
-        anchor_loss = -np.mean(log_probs)
-      else:
-        anchor_loss = math.log(len(log_probs)) - _logsumexp(log_probs)
-      if scale_by_temperature:
-        anchor_loss *= temperature
-      anchor_losses.append(anchor_loss)
+      anchor_loss = conftest.reference_anchor_loss(
+          positives, negatives, denominator=denominator, summation=summation,
+          temperature=temperature, scale_by_temperature=scale_by_temperature)
+      if anchor_loss is not None:
+        anchor_losses.append(anchor_loss)
     if anchor_losses:
       loss[i] = np.mean(anchor_losses)
       valid[i] = True

@@ -36,11 +36,6 @@ TETRAHEDRON = np.array(
 # Float64 reference, written from the definitions one anchor at a time.
 
 
-def _logsumexp(values):
-  values = np.asarray(values, np.float64)
-  top = values.max()
-  return float(top + np.log(np.sum(np.exp(values - top))))
-
 
 def _same_sample_or_label(i, j, labels, mask):
   """Whether sample `j` is a positive candidate for sample `i`."""
@@ -93,27 +88,11 @@ def reference_supcon(features, labels=None, mask=None, temperature=0.1,
             positives.append(logit)
           elif j not in partners:  # Capped-away positives go nowhere.
             negatives.append(logit)
-      if not positives or (denominator == "only_negatives" and
-                           not negatives):
-        continue
-      log_negatives = _logsumexp(negatives) if negatives else -np.inf
-      log_all = _logsumexp(positives + negatives)
-      log_probs = []
-      for logit in positives:
-        if denominator == "all":
-          log_den = log_all
-        elif denominator == "one_positive":
-          log_den = float(np.logaddexp(logit, log_negatives))
-        else:
-          log_den = log_negatives
-        log_probs.append(logit - log_den)
-      if summation == "out":
-        anchor_loss = -np.mean(log_probs)
-      else:
-        anchor_loss = math.log(len(log_probs)) - _logsumexp(log_probs)
-      if scale_by_temperature:
-        anchor_loss *= temperature
-      anchor_losses.append(anchor_loss)
+      anchor_loss = conftest.reference_anchor_loss(
+          positives, negatives, denominator=denominator, summation=summation,
+          temperature=temperature, scale_by_temperature=scale_by_temperature)
+      if anchor_loss is not None:
+        anchor_losses.append(anchor_loss)
     if anchor_losses:
       loss[i] = np.mean(anchor_losses)
       valid[i] = True
@@ -129,7 +108,7 @@ def reference_npairs(features, labels, temperature=1.0):
     logits = np.array([feats[i] @ feats[j] for j in range(len(labels))])
     logits /= temperature
     same = [j for j in range(len(labels)) if labels[j] == labels[i]]
-    log_z = _logsumexp(logits)
+    log_z = conftest.logsumexp(logits)
     out[i] = -np.mean([logits[j] - log_z for j in same])
   return out
 

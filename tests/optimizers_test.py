@@ -437,6 +437,22 @@ def test_lars_mirrored_matches_single_device():
 
 
 
+def _decay_only_step(name, variables):
+  """One step of `build_optimizer(name)` with zero gradients: decay alone.
+
+  Returns:
+    The values of `variables` before the step.
+  """
+  optimizer = optimizers.build_optimizer(
+      config_lib.OptimizerConfig(name=name, learning_rate=0.5,
+                                 weight_decay=0.1, schedule="constant",
+                                 warmup_epochs=0.0, scale_by_batch=False),
+      global_batch_size=256, total_steps=10, steps_per_epoch=5)
+  before = [v.numpy() for v in variables]
+  optimizer.apply([tf.zeros_like(v) for v in variables], variables)
+  return before
+
+
 @pytest.mark.parametrize("name", ["sgd", "adamw", "lamb"])
 def test_build_optimizer_keeps_decay_off_resnet_norm_and_bias(name):
   # Keras 3 names batch-norm variables "gamma"/"beta" (the path holds "bn"):
@@ -448,13 +464,7 @@ def test_build_optimizer_keeps_decay_off_resnet_norm_and_bias(name):
   head = models.build_head(model_config)
   head.build(encoder.output_shape)
   variables = encoder.trainable_variables + head.trainable_variables
-  optimizer = optimizers.build_optimizer(
-      config_lib.OptimizerConfig(name=name, learning_rate=0.5,
-                                 weight_decay=0.1, schedule="constant",
-                                 warmup_epochs=0.0, scale_by_batch=False),
-      global_batch_size=256, total_steps=10, steps_per_epoch=5)
-  before = [v.numpy() for v in variables]
-  optimizer.apply([tf.zeros_like(v) for v in variables], variables)
+  before = _decay_only_step(name, variables)
   norm_and_bias = [len(v.shape) == 1 for v in variables]
   assert sum(norm_and_bias) == 42  # 20 BN layers x (gamma, beta) + 2 biases
   for v, b, excluded in zip(variables, before, norm_and_bias):
@@ -473,13 +483,7 @@ def test_build_optimizer_keeps_decay_off_norms_of_any_name(name):
       keras.layers.LayerNormalization(name="ln"),
       keras.layers.BatchNormalization(name="norm")])
   variables = model.trainable_variables
-  optimizer = optimizers.build_optimizer(
-      config_lib.OptimizerConfig(name=name, learning_rate=0.5,
-                                 weight_decay=0.1, schedule="constant",
-                                 warmup_epochs=0.0, scale_by_batch=False),
-      global_batch_size=256, total_steps=10, steps_per_epoch=5)
-  before = [v.numpy() for v in variables]
-  optimizer.apply([tf.zeros_like(v) for v in variables], variables)
+  before = _decay_only_step(name, variables)
   changed = {v.path.split("/", 1)[1]: not np.array_equal(v.numpy(), b)
              for v, b in zip(variables, before)}
   assert changed == {"proj/kernel": True, "proj/bias": False,

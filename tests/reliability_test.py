@@ -48,9 +48,7 @@ import os
 import pwd
 import random
 import re
-import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -531,19 +529,6 @@ def _no_space_in_checkpoint_writes(monkeypatch):
   monkeypatch.setattr(functional_saver.MultiDeviceSaver, "save", save)
 
 
-@contextlib.contextmanager
-def _file_size_limit(limit_bytes):
-  """Writes past `limit_bytes` in any file fail (EFBIG), as on a full disk."""
-  old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-  old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
-  resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, old_limit[1]))
-  try:
-    yield
-  finally:
-    resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
-    signal.signal(signal.SIGXFSZ, old_handler)
-
-
 @pytest.mark.parametrize("failure", [
     "enospc", pytest.param("file_size_limit", marks=pytest.mark.slow)])
 def test_full_disk_while_checkpointing_keeps_the_previous_one(
@@ -561,7 +546,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(
   else:
     # The real writer (TensorFlow's C++ file system) failing mid-file.
     data_file, = tf.io.gfile.glob(f"{previous}.data-*")
-    limit = _file_size_limit(os.path.getsize(data_file) // 2)
+    limit = conftest.file_size_limit(os.path.getsize(data_file) // 2)
   with limit, pytest.raises(rundir.TrainingError) as error:
     train_lib.pretrain(config, str(workdir), dataset_fn=driver.dataset_fn,
                        verbose=False)
