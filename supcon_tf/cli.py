@@ -91,9 +91,10 @@ flags.DEFINE_enum("strategy", "default", config_lib.STRATEGIES,
                   "tf.distribute strategy.")
 flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this many logical "
                      "devices (e.g. to run --strategy=mirrored on a CPU).")
-flags.DEFINE_enum("mixed_precision", "mixed_bfloat16", config_lib.PRECISIONS,
-                  "Compute dtype policy (bfloat16 measured 1.4x faster than "
-                  "float32 on an AVX512-BF16 CPU; see experiments/).")
+flags.DEFINE_enum("mixed_precision", "auto", config_lib.PRECISIONS,
+                  "Compute dtype policy. auto = mixed_bfloat16 where the "
+                  "hardware has bfloat16 (measured 1.4x float32 on an "
+                  "AVX512-BF16 CPU), float32 where it is emulated (0.15x).")
 flags.DEFINE_bool("jit_compile", False, "XLA-compile the training step.")
 flags.DEFINE_bool("deterministic", False, "Enable op determinism.")
 flags.DEFINE_integer("seed", 0, "Random seed.")

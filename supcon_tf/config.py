@@ -28,7 +28,8 @@ EVAL_CROPS = ("auto", "center", "resize")
 CENTER_CROP_MIN_SIZE = 128
 OPTIMIZERS = ("sgd", "lars", "adamw", "lamb")
 STRATEGIES = ("default", "mirrored", "multi_worker")
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+# "auto": mixed_bfloat16 where the hardware has bfloat16, else float32.
+PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 EMBEDDING_METHODS = ("pca", "tsne")
 
 
@@ -199,7 +200,9 @@ class TrainConfig:
     checkpoint_every: steps between checkpoints (rounded up to loops).
     jit_compile: XLA-compile the training step (one device, or replicas
       that are all GPUs; refused for several CPU replicas).
-    precision: `float32`, `mixed_bfloat16` or `mixed_float16`.
+    precision: `float32`, `mixed_bfloat16`, `mixed_float16` or `auto`
+      (`mixed_bfloat16` on GPUs of compute capability >= 8.0 and CPUs with
+      AVX512-BF16 or AMX, else `float32`; resolved on the machine that runs).
     deterministic: enable TF op determinism (reproducible, slower).
     queue_size: rows of a FIFO memory queue of past keys (one row per view)
       added to every anchor's contrast set (`supcon` / `simclr`); 0 = off.

@@ -973,7 +973,8 @@ def test_smoke_run_prints_stages_and_a_table(tmp_path):
   stages = [line for line in lines if re.match(
       r"pretraining[ :]\S|linear evaluation:|exported to |evaluation:", line)]
   assert stages == [
-      "pretraining 4 steps (0.1 epochs of 40 steps, batch 16, supcon); "
+      "pretraining 4 steps (0.1 epochs of 40 steps, batch 16, supcon, "
+      "float32); "
       "warm-up shortened from 20 to 0 steps to fit the run",
       "linear evaluation: 1 learning rate x 1 epoch (batch 256)",
       f"exported to {workdir / 'export' / '1'}",

@@ -257,7 +257,7 @@ def test_pretrain_says_what_it_runs_and_where_it_resumes(tmp_path, capsys):
                        stop_at_step=stop)
   lines = [line for line in capsys.readouterr().out.splitlines()
            if line.startswith("pretraining")]
-  assert lines == ["pretraining 2 steps (batch 8, supcon)",
+  assert lines == ["pretraining 2 steps (batch 8, supcon, float32)",
                    "pretraining: resumed from step 1 of 2"]
   assert train_lib._stage_line(config, 2, 2, 2, epochs_known=False) == (
       "pretraining: already done (2 steps)")
@@ -267,11 +267,34 @@ def test_pretrain_line_counts_epochs_and_a_shortened_warmup():
   config = dataclasses.replace(tiny_config(steps=30), optimizer=(
       config_lib.OptimizerConfig(warmup_epochs=0.5)))
   assert train_lib._stage_line(config, 30, 1406, None, epochs_known=True) == (
-      "pretraining 30 steps (0.0213 epochs of 1,406 steps, batch 8, supcon); "
+      "pretraining 30 steps (0.0213 epochs of 1,406 steps, batch 8, supcon, float32); "
       "warm-up shortened from 703 to 3 steps to fit the run")
   config = tiny_config(steps=None, epochs=8)
   assert train_lib._stage_line(config, 1400, 175, None, epochs_known=True) == (
-      "pretraining 1,400 steps (8 epochs of 175 steps, batch 8, supcon)")
+      "pretraining 1,400 steps (8 epochs of 175 steps, batch 8, supcon, "
+      "float32)")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu vme avx2 fma", False),              # AVX2 only: bf16 emulated
+    ("avx512f avx512bw avx512_bf16", True),   # Cooper Lake, Zen 4
+    ("avx512f amx_tile amx_bf16", True),      # Sapphire Rapids
+    ("avx512f avx512_bf16x", False),          # a longer word, not the flag
+])
+def test_cpu_has_bfloat16_reads_the_cpu_flags(tmp_path, flags, expected):
+  cpuinfo = tmp_path / "cpuinfo"
+  cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+  assert train_lib.cpu_has_bfloat16(str(cpuinfo)) is expected
+  assert not train_lib.cpu_has_bfloat16(str(tmp_path / "missing"))
+
+
+def test_auto_precision_resolves_and_others_pass_through():
+  for precision in ("float32", "mixed_bfloat16", "mixed_float16"):
+    assert train_lib.resolve_precision(precision) == precision
+  if tf.config.list_physical_devices("GPU"):
+    pytest.skip("auto follows the GPU's compute capability there")
+  expected = ("mixed_bfloat16" if train_lib.cpu_has_bfloat16() else "float32")
+  assert train_lib.resolve_precision("auto") == expected
 
 
 def test_pretrain_loss_goes_down(tmp_path):
