@@ -26,6 +26,9 @@ tf.config.set_logical_device_configuration(
 def pytest_configure(config):
   config.addinivalue_line(
       "markers", "slow: takes more than ~20 s; excluded by -m 'not slow'.")
+  config.addinivalue_line(
+      "markers", "long: multi-process runs of minutes each (distributed "
+      "kill -9 recovery, the two-worker command line); run by -m long.")
 
 
 _strategies_made = [0]

@@ -262,7 +262,7 @@ def start_workers(tmp_path, name, workdir, workers=2):
           for index in range(workers)]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("where", ["replicas", "workers"])
 def test_distributed_pretrain_killed_resumes_bit_exact(tmp_path, where):
   # The input iterator of a multi-device strategy cannot be checkpointed:
@@ -1066,7 +1066,7 @@ def test_export_under_load_from_threads(tmp_path):
 
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_command_line_multi_worker_mode_all_reaches_an_export(tmp_path):
   # Pretraining on both workers, then the later stages on the chief alone
   # while the other worker waits for it.
