@@ -377,6 +377,11 @@ def summary_table(report: dict, workdir: str) -> str:
         f"{linear['learning_rate']:g}, {linear['epochs']} "
         f"epoch{'s' if linear['epochs'] > 1 else ''}, chosen on "
         f"{linear['selected_on']})")))
+  head = report.get("ce_head")
+  if head:
+    rows.append(("CE head top-1", (
+        f"{_percent(head.get('test_top1'))} test (the network CE trained, "
+        "beside the linear probe on its frozen encoder)")))
   evaluation = report.get("evaluation")
   if evaluation:
     rows.append(("k-NN top-1", (

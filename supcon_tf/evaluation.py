@@ -158,6 +158,24 @@ def knn_accuracy(encoder: keras.Model, train_dataset: tf.data.Dataset,
   return float(np.mean(predictions == test_labels))
 
 
+def top1_accuracy(model: keras.Model, dataset: tf.data.Dataset) -> float:
+  """Share of `(images, labels)` examples whose top logit is their label.
+
+  Args:
+    model: `[batch, H, W, C] -> [batch, classes]` logits (or probabilities).
+    dataset: finite dataset of `(images, labels [batch])` batches.
+  """
+  correct = total = 0
+  for images, labels in dataset:
+    predictions = tf.argmax(model(images, training=False), axis=-1)
+    correct += int(tf.reduce_sum(tf.cast(
+        predictions == tf.cast(labels, predictions.dtype), tf.int64)))
+    total += int(tf.size(labels))
+  if not total:
+    raise ValueError("top1_accuracy got an empty dataset.")
+  return correct / total
+
+
 # ----------------------------------------------------------------------------
 # Corruptions.
 

@@ -163,6 +163,10 @@ def _later_stages(stages, workdir, report, linear, evaluation_config,
     report["linear_eval"] = {**result.to_dict(),
                              "seconds_this_run": round(time.time() - start, 1)}
     classifier.save(rundir.classifier_path(workdir))
+    if config.method == "ce":
+      # The probe on the frozen CE encoder is the comparable number; the
+      # head CE trained with it is what a CE user would deploy.
+      report["ce_head"] = _ce_head_accuracy(pretrain_dir, config)
   if "export" in stages or "evaluate" in stages:
     classifier = load_classifier(workdir)  # As saved: what is served.
   if "export" in stages:
@@ -180,6 +184,18 @@ def _later_stages(stages, workdir, report, linear, evaluation_config,
     report["evaluation"] = evaluation.evaluate_workdir(
         workdir, encoder=encoder, classifier=classifier,
         data_config=config.data, config=evaluation_config)
+
+
+def _ce_head_accuracy(pretrain_dir, config) -> dict:
+  """Top-1 of a cross-entropy run's own head on validation and test."""
+  model = train_lib.restore_ce_model(
+      pretrain_dir, config, data.dataset_info(config.data).num_classes)
+  accuracy = {}
+  for split in ("validation", "test"):
+    dataset = data.eval_dataset(config.data, split, batch_size=500)
+    if dataset is not None:
+      accuracy[f"{split}_top1"] = evaluation.top1_accuracy(model, dataset)
+  return accuracy
 
 
 def load_classifier(workdir: str) -> keras.Model:

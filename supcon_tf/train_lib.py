@@ -769,6 +769,30 @@ def restore_encoder(workdir: str, config: config_lib.TrainConfig,
     TrainingError: no checkpoint, or the newest is damaged or of another
       model (the message names it; no older one is used instead).
   """
+  return _restore(workdir, config, input_shape)
+
+
+def restore_ce_model(workdir: str, config: config_lib.TrainConfig,
+                     num_classes: int, input_shape=None) -> keras.Model:
+  """A cross-entropy run's own classifier: encoder and trained softmax head.
+
+  Returns a model `[batch, H, W, 3] -> [batch, num_classes]` float32 logits,
+  the network cross-entropy training ended with (beside the linear probe
+  that `linear_eval` fits on its frozen encoder).
+
+  Raises:
+    ValueError: `config.method` is not `ce`.
+    TrainingError: as `restore_encoder`.
+  """
+  if config.method != "ce":
+    raise ValueError(f"method={config.method!r} has no classifier head; "
+                     "only method='ce' trains one.")
+  return _restore(workdir, config, input_shape, num_classes=num_classes)
+
+
+def _restore(workdir, config, input_shape, num_classes=None) -> keras.Model:
+  """The encoder (and with `num_classes`, encoder -> CE head) of the newest
+  checkpoint."""
   input_shape = input_shape or (config.data.image_size,
                                 config.data.image_size, 3)
   previous_policy = keras.mixed_precision.global_policy()
@@ -776,14 +800,24 @@ def restore_encoder(workdir: str, config: config_lib.TrainConfig,
   try:
     encoder = models.build_encoder(config.model, input_shape=input_shape,
                                    num_replicas=1)
+    parts = {"encoder": encoder}
+    if num_classes is not None:
+      # As the Trainer builds it, so the checkpoint's `head` matches.
+      parts["head"] = keras.layers.Dense(num_classes, dtype="float32",
+                                         name="classifier")
+      parts["head"].build(encoder.output_shape)
   finally:
     keras.mixed_precision.set_global_policy(previous_policy)
   directory = rundir.checkpoints_dir(workdir)
-  checkpoint = tf.train.Checkpoint(encoder=encoder)
+  checkpoint = tf.train.Checkpoint(**parts)
   # No fallback: linear evaluation must see the encoder pretraining ended
   # with, not an older one under its name.
   if _restore_newest(directory,
                      lambda path: checkpoint.restore(path).expect_partial(),
                      fallback=False) is None:
     raise rundir.TrainingError(f"No checkpoint in {directory}.")
-  return encoder
+  if num_classes is None:
+    return encoder
+  images = keras.Input(input_shape)
+  return keras.Model(images, parts["head"](encoder(images, training=False)),
+                     name="ce_classifier")

@@ -255,6 +255,10 @@ def test_summary_table_is_short_and_readable():
       "SavedModel         /runs/first/export/1",
       "report             /runs/first/report.json",
   ]
+  with_head = cli.summary_table({"ce_head": {"test_top1": 0.7514}}, "/r")
+  assert with_head.splitlines()[0] == (
+      "CE head top-1  75.1 % test (the network CE trained, beside the linear "
+      "probe on its frozen encoder)")
   only_pretrain = cli.summary_table({"pretrain": REPORT["pretrain"]}, "/r")
   assert len(only_pretrain.splitlines()) == 2
 

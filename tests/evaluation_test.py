@@ -556,5 +556,19 @@ def test_evaluate_workdir_without_events_or_robustness(tmp_path):
   assert_png(os.path.join(workdir, "plots", "embeddings.png"))
 
 
+
+def test_top1_accuracy_counts_the_top_logit():
+  # Logits that pick class (label + shift) % 3: all right at shift 0, none
+  # at shift 1; the last batch is smaller.
+  labels = np.array([0, 1, 2, 2, 1], np.int32)
+  for shift, expected in ((0, 1.0), (1, 0.0)):
+    logits = np.eye(3, dtype=np.float32)[(labels + shift) % 3]
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Identity()])
+    dataset = tf.data.Dataset.from_tensor_slices((logits, labels)).batch(2)
+    assert evaluation.top1_accuracy(model, dataset) == expected
+  with pytest.raises(ValueError, match="empty"):
+    evaluation.top1_accuracy(model, dataset.take(0))
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))

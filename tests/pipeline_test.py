@@ -1,0 +1,61 @@
+"""Tests for supcon_tf.pipeline: the stages as a library call."""
+
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import conftest
+from supcon_tf import config as config_lib
+from supcon_tf import data
+from supcon_tf import evaluation
+from supcon_tf import pipeline
+from supcon_tf import rundir
+from supcon_tf import train_lib
+
+
+def tiny_train(method):
+  return config_lib.TrainConfig(
+      method=method, batch_size=8, steps=2, steps_per_loop=1,
+      checkpoint_every=2,
+      data=config_lib.DataConfig(dataset="cifar10", validation_fraction=0.2),
+      model=config_lib.ModelConfig(width=0.0625, projection_dim=8),
+      optimizer=config_lib.OptimizerConfig(name="sgd", learning_rate=0.1,
+                                           warmup_epochs=0.0))
+
+
+def test_train_ce_reports_the_head_it_trained(tmp_path):
+  workdir = str(tmp_path / "run")
+  with conftest.mock_tfds(tmp_path, num_examples=16, num_train=20):
+    report = pipeline.run(
+        "train_ce", workdir, train=tiny_train("ce"),
+        linear=config_lib.LinearEvalConfig(epochs=1, batch_size=8),
+        evaluation_config=config_lib.EvalConfig(robustness=False,
+                                                max_examples=8,
+                                                knn_train_examples=8),
+        verbose=False)
+    pretrain_dir = rundir.pretrain_dir(workdir)
+    config = rundir.load_config(pretrain_dir)
+    model = train_lib.restore_ce_model(pretrain_dir, config, num_classes=10)
+    test = data.eval_dataset(config.data, "test", batch_size=500)
+    assert report["ce_head"]["test_top1"] == evaluation.top1_accuracy(
+        model, test)
+  assert set(report["ce_head"]) == {"validation_top1", "test_top1"}
+  # The restored head is the trained one, not a fresh initialisation.
+  reader = tf.train.load_checkpoint(
+      tf.train.latest_checkpoint(rundir.checkpoints_dir(pretrain_dir)))
+  [key] = [name for name in reader.get_variable_to_shape_map()
+           if name.startswith("head/") and "kernel" in name
+           and "OPTIMIZER" not in name]
+  np.testing.assert_array_equal(
+      model.get_layer("classifier").kernel.numpy(), reader.get_tensor(key))
+
+
+def test_contrastive_runs_have_no_ce_head(tmp_path):
+  with pytest.raises(ValueError, match="only method='ce'"):
+    train_lib.restore_ce_model(str(tmp_path), tiny_train("supcon"), 10)
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__, "-q"]))
