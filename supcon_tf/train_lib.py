@@ -76,6 +76,11 @@ def set_precision(precision: str) -> None:
   keras.mixed_precision.set_global_policy(resolve_precision(precision))
 
 
+def _ce_head(num_classes: int) -> keras.layers.Dense:
+  """Cross-entropy's softmax layer (float32 logits), as trained and restored."""
+  return keras.layers.Dense(num_classes, dtype="float32", name="classifier")
+
+
 class Trainer:
   """Models, optimizer and the distributed step of one run.
 
@@ -111,8 +116,7 @@ class Trainer:
             config.model, input_shape=tuple(input_shape),
             num_replicas=strategy.num_replicas_in_sync)
         if config.method == "ce":
-          self.head = keras.layers.Dense(num_classes, dtype="float32",
-                                         name="classifier")
+          self.head = _ce_head(num_classes)
         else:
           self.head = models.build_head(config.model)
         self.head.build(self.encoder.output_shape)
@@ -802,9 +806,7 @@ def _restore(workdir, config, input_shape, num_classes=None) -> keras.Model:
                                    num_replicas=1)
     parts = {"encoder": encoder}
     if num_classes is not None:
-      # As the Trainer builds it, so the checkpoint's `head` matches.
-      parts["head"] = keras.layers.Dense(num_classes, dtype="float32",
-                                         name="classifier")
+      parts["head"] = _ce_head(num_classes)
       parts["head"].build(encoder.output_shape)
   finally:
     keras.mixed_precision.set_global_policy(previous_policy)
