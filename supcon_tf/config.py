@@ -186,6 +186,21 @@ class OptimizerConfig:
       raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}.")
 
 
+def check_queue(queue_size: int, key_encoder_momentum: float) -> None:
+  """Raises ValueError for a bad memory-queue setting, naming the fix."""
+  if (isinstance(queue_size, bool) or not isinstance(queue_size, int)
+      or queue_size < 0):
+    raise ValueError(f"queue_size={queue_size!r} must be an int >= 0 "
+                     "(0 = off).")
+  if not 0.0 <= key_encoder_momentum < 1.0:
+    raise ValueError(f"key_encoder_momentum={key_encoder_momentum} must be "
+                     "in [0, 1) (e.g. 0.99; 0 = no key encoder).")
+  if key_encoder_momentum and not queue_size:
+    raise ValueError(
+        f"key_encoder_momentum={key_encoder_momentum} needs a queue "
+        "(queue_size > 0): the key encoder only fills the queue.")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """One pretraining (or cross-entropy) run.
@@ -239,6 +254,7 @@ class TrainConfig:
       _check_positive("epochs", self.epochs)
     else:
       _check_positive("steps", self.steps)
+    check_queue(self.queue_size, self.key_encoder_momentum)
     if self.queue_size:
       if self.method not in ("supcon", "simclr"):
         raise ValueError(f"queue_size={self.queue_size} needs method "
@@ -249,13 +265,6 @@ class TrainConfig:
             f"queue_size={self.queue_size} is smaller than one step's keys "
             f"(batch_size={self.batch_size} x num_views="
             f"{self.data.num_views} = {keys}); use 0 (off) or >= {keys}.")
-    if not 0.0 <= self.key_encoder_momentum < 1.0:
-      raise ValueError(f"key_encoder_momentum={self.key_encoder_momentum} "
-                       "must be in [0, 1) (e.g. 0.99; 0 = no key encoder).")
-    if self.key_encoder_momentum and not self.queue_size:
-      raise ValueError(
-          f"key_encoder_momentum={self.key_encoder_momentum} needs a queue "
-          "(queue_size > 0): the key encoder only fills the queue.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from supcon_tf import config as config_lib
 from supcon_tf import distributed
 from supcon_tf import losses as losses_lib
+from supcon_tf import memory as memory_lib
 
 # Reductions of a compiled SupConLoss that SupConModel reproduces globally.
 _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")
@@ -57,6 +59,14 @@ class SupConModel(keras.Model):
   loss path; such a model contrasts each replica's local batch only. Only
   `SupConModel` gathers across replicas.
 
+  Memory queue (`queue_size > 0`): every step's embeddings (or, with
+  `key_encoder_momentum > 0`, a momentum key encoder's) are gathered from
+  all replicas and written to a FIFO queue of `queue_size` rows after the
+  optimizer step; later steps contrast every anchor against the queue too
+  (`supcon_terms(queue_features=...)`), exactly as the custom loop does with
+  `--queue_size` (`supcon_tf.memory.KeyMemory`; it is saved with the
+  model). Needs a compiled `SupConLoss` / `SimCLRLoss`.
+
   Mixed precision: build the model under a mixed global policy;
   `compile()` wraps the optimizer in a `LossScaleOptimizer` for
   `mixed_float16`, and the loss is computed in float32. A non-finite
@@ -68,6 +78,11 @@ class SupConModel(keras.Model):
       representations `[batch, rep_dim]`.
     head: layer mapping `[batch, rep_dim]` to embeddings `[batch, dim]`,
       normally a `supcon_tf.models.ProjectionHead` (L2-normalised output).
+    queue_size: rows K of the memory queue (one per view); 0 = none. Must
+      hold one step's keys, global batch x views.
+    key_encoder_momentum: 0 = queue keys are the online embeddings under
+      stop-gradient (XBM); m in (0, 1) = keys from a moving-average copy of
+      encoder + head updated `key <- m key + (1 - m) online` (MoCo).
     **kwargs: base `keras.Model` arguments (`name`, ...).
 
   Example:
@@ -84,10 +99,15 @@ class SupConModel(keras.Model):
   ```
   """
 
-  def __init__(self, encoder, head, **kwargs):
+  def __init__(self, encoder, head, queue_size: int = 0,
+               key_encoder_momentum: float = 0.0, **kwargs):
     super().__init__(**kwargs)
+    config_lib.check_queue(queue_size, key_encoder_momentum)
     self.encoder = encoder
     self.head = head
+    self.queue_size = queue_size
+    self.key_encoder_momentum = float(key_encoder_momentum)
+    self.memory = None  # memory.KeyMemory, built with the head
 
   def build(self, input_shape):
     """Builds the head on the encoder's output shape.
@@ -98,8 +118,14 @@ class SupConModel(keras.Model):
     image_shape = (None,) + tuple(input_shape)[-3:]
     if not self.encoder.built:
       self.encoder.build(image_shape)
+    representation_shape = self.encoder.compute_output_shape(image_shape)
     if not self.head.built:
-      self.head.build(self.encoder.compute_output_shape(image_shape))
+      self.head.build(representation_shape)
+    if self.queue_size and self.memory is None:
+      self.memory = memory_lib.KeyMemory(self.queue_size,
+                                         self.key_encoder_momentum)
+      dim = self.head.compute_output_shape(representation_shape)[-1]
+      self.memory.attach(self.encoder, self.head, dim)
 
   def call(self, views, training=None):
     """Embeds every view.
@@ -111,14 +137,7 @@ class SupConModel(keras.Model):
     Returns:
       float32 embeddings `[batch, V, dim]` (`V = 1` for rank-4 input).
     """
-    views = tf.convert_to_tensor(views)
-    if views.shape.rank == 4:
-      views = views[:, None]
-    if views.shape.rank != 5 or views.shape[1] is None:
-      raise ValueError(
-          "SupConModel takes views [batch, V, H, W, C] with a known V, or "
-          f"images [batch, H, W, C]; got shape {views.shape}. Stack the "
-          "views with tf.stack(views, axis=1).")
+    views = _as_views(views)
     batch, num_views = tf.shape(views)[0], views.shape[1]
     # Static image dims where known, so the encoder keeps its shapes.
     image_dims = [d if d is not None else tf.shape(views)[i + 2]
@@ -130,8 +149,11 @@ class SupConModel(keras.Model):
     return tf.reshape(embeddings, [batch, num_views, embeddings.shape[-1]])
 
   def train_step(self, data):
+    # The custom loop's order: key encoder, step, then enqueue.
+    if self.memory is not None:
+      self.memory.momentum_update(self.encoder, self.head)
     with tf.GradientTape() as tape:
-      loss, logs = self._loss_and_metrics(data, training=True)
+      loss, logs, embeddings = self._loss_and_metrics(data, training=True)
       scaled = self.optimizer.scale_loss(loss)
     variables = self.trainable_variables
     gradients = tape.gradient(scaled, variables)
@@ -139,10 +161,13 @@ class SupConModel(keras.Model):
       # An overflow on any replica must skip the step on all of them.
       gradients = distributed.agree_on_finite(gradients)
     self.optimizer.apply_gradients(zip(gradients, variables))
+    if self.memory is not None:
+      x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
+      self.memory.enqueue(*self.memory.keys(_as_views(x), y, embeddings))
     return logs
 
   def test_step(self, data):
-    _, logs = self._loss_and_metrics(data, training=False)
+    _, logs, _ = self._loss_and_metrics(data, training=False)
     return logs
 
   def _loss_and_metrics(self, data, training):
@@ -153,8 +178,9 @@ class SupConModel(keras.Model):
       training: forward mode.
 
     Returns:
-      `(loss, logs)`: scalar float32 whose sum over replicas is the global
-      loss, and the dict of metric results (`loss` = global loss).
+      `(loss, logs, y_pred)`: scalar float32 whose sum over replicas is the
+      global loss, the dict of metric results (`loss` = global loss), and
+      the embeddings `[batch, V, dim]`.
     """
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     y_pred = self(x, training=training)
@@ -167,6 +193,10 @@ class SupConModel(keras.Model):
         loss += tf.add_n(extra) / float(distributed.num_replicas())
       reported = distributed.all_reduce_sum(loss)
     else:
+      if self.memory is not None:
+        raise ValueError(
+            f"queue_size={self.queue_size} needs a compiled "
+            f"supcon_tf.SupConLoss or SimCLRLoss; got loss={loss_fn!r}.")
       # Keras divides compiled losses by the replica count; undo it for
       # the metric as Keras's own train_step does.
       loss = self._compute_loss(x=x, y=y, y_pred=y_pred,
@@ -180,7 +210,7 @@ class SupConModel(keras.Model):
         # to it; batch sizes weight the epoch average.
         metric.update_state(reported, sample_weight=local_batch)
     return loss, self.compute_metrics(x, y, y_pred,
-                                      sample_weight=sample_weight)
+                                      sample_weight=sample_weight), y_pred
 
   def _contrastive_loss(self, loss_fn, labels, embeddings, sample_weight):
     """SupCon over the global batch; this replica's share of its reduction.
@@ -208,7 +238,8 @@ class SupConModel(keras.Model):
         denominator=loss_fn.denominator,
         positives_cap=loss_fn.positives_cap,
         scale_by_temperature=loss_fn.scale_by_temperature,
-        block_size=loss_fn.block_size)
+        block_size=loss_fn.block_size,
+        **(self.memory.loss_kwargs() if self.memory is not None else {}))
     valid = tf.cast(valid, tf.float32)
     weight = valid
     if sample_weight is not None:
@@ -234,6 +265,8 @@ class SupConModel(keras.Model):
     config.update({
         "encoder": keras.saving.serialize_keras_object(self.encoder),
         "head": keras.saving.serialize_keras_object(self.head),
+        "queue_size": self.queue_size,
+        "key_encoder_momentum": self.key_encoder_momentum,
     })
     return config
 
@@ -245,3 +278,16 @@ class SupConModel(keras.Model):
     head = keras.saving.deserialize_keras_object(
         config.pop("head"), custom_objects=custom_objects)
     return cls(encoder, head, **config)
+
+
+def _as_views(views):
+  """`[batch, V, H, W, C]` views (rank-4 images read as `V = 1`)."""
+  views = tf.convert_to_tensor(views)
+  if views.shape.rank == 4:
+    views = views[:, None]
+  if views.shape.rank != 5 or views.shape[1] is None:
+    raise ValueError(
+        "SupConModel takes views [batch, V, H, W, C] with a known V, or "
+        f"images [batch, H, W, C]; got shape {views.shape}. Stack the "
+        "views with tf.stack(views, axis=1).")
+  return views

@@ -30,6 +30,7 @@ from supcon_tf import config as config_lib
 from supcon_tf import data
 from supcon_tf import distributed
 from supcon_tf import losses
+from supcon_tf import memory as memory_lib
 from supcon_tf import models
 from supcon_tf import optimizers
 from supcon_tf import rundir
@@ -131,93 +132,15 @@ class Trainer:
         self.optimizer.build(self.trainable_variables)
         self.step = tf.Variable(0, dtype=tf.int64, trainable=False,
                                 name="step")
-        self._build_queue(encoder, input_shape)
+        self.memory = None  # memory.KeyMemory, with config.queue_size
+        if config.queue_size:
+          self.memory = memory_lib.KeyMemory(
+              config.queue_size, config.key_encoder_momentum)
+          self.memory.attach(self.encoder, self.head, self.head.output_dim)
     finally:
       keras.mixed_precision.set_global_policy(previous_policy)
     self._compiled_step = tf.function(self._replica_step,
                                       jit_compile=config.jit_compile)
-
-  def _build_queue(self, encoder, input_shape):
-    """Memory queue and key encoder (`config.queue_size > 0`).
-
-    The queue holds `[K, dim]` keys and `[K]` labels (-1 = empty slot) with
-    a write pointer. Every replica computes the same gathered keys; they are
-    written in cross-replica context (`_enqueue`), so each device's copy
-    gets identical values without a broadcast, and ONLY_FIRST_REPLICA makes
-    any replica-context write take replica 0's value.
-
-    The key encoder (momentum > 0) is an EMA copy of encoder + head run in
-    training mode on the step's views, as MoCo's; it has the online
-    encoder's (synchronised when replicated) batch norm, so its statistics
-    are those of the global batch. MoCo's shuffle-BN hides a query's own
-    key from its batch statistics; here the current batch's keys are only
-    contrasted in later steps, so there is nothing to hide.
-    """
-    self.queue = self.key_encoder = self.key_head = None
-    size = self.config.queue_size
-    if not size:
-      return
-    dim = self.head.output_dim
-    on_write = dict(trainable=False,
-                    synchronization=tf.VariableSynchronization.ON_WRITE,
-                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-    self.queue = tf.Variable(tf.zeros([size, dim]), name="queue", **on_write)
-    self.queue_labels = tf.Variable(tf.fill([size], -1), name="queue_labels",
-                                    **on_write)
-    self.queue_pointer = tf.Variable(0, name="queue_pointer", **on_write)
-    if self.config.key_encoder_momentum:
-      self.key_encoder = (keras.models.clone_model(encoder) if encoder else
-                          models.build_encoder(
-                              self.config.model,
-                              input_shape=tuple(input_shape),
-                              num_replicas=self.strategy.num_replicas_in_sync))
-      self.key_head = models.build_head(self.config.model)
-      self.key_head.build(self.encoder.output_shape)
-      for key, online in self._key_pairs():
-        key.assign(online)
-
-  def _key_pairs(self):
-    """(key, online) weight pairs of encoder + head, all weights."""
-    return list(zip(self.key_encoder.weights + self.key_head.weights,
-                    self.encoder.weights + self.head.weights))
-
-  def _queue_kwargs(self):
-    if self.queue is None:
-      return {}
-    return dict(queue_features=self.queue, queue_labels=self.queue_labels)
-
-  def _keys(self, views, labels, embeddings):
-    """Global `[global_batch * views, dim]` keys and their labels."""
-    if self.key_encoder is not None:
-      images = tf.reshape(views, tf.concat([[-1], tf.shape(views)[2:]], 0))
-      embeddings = self.key_head(self.key_encoder(images, training=True),
-                                 training=True)
-    # Sample-major rows: the views of sample i, then of sample i + 1.
-    keys = tf.reshape(tf.cast(tf.stop_gradient(embeddings), tf.float32),
-                      [-1, self.queue.shape[1]])
-    key_labels = tf.repeat(tf.cast(labels, tf.int32), views.shape[1])
-    return distributed.all_gather(keys), distributed.all_gather(key_labels)
-
-  def _momentum_update(self):
-    """Cross-replica: key weights <- m * key + (1 - m) * online."""
-    m = self.config.key_encoder_momentum
-    for key, online in self._key_pairs():
-      if key.trainable:  # BN statistics come from the key encoder's forward
-        # The tf.Variables under the Keras ones (mirrored when replicated).
-        self.strategy.extended.update(
-            key.value, lambda k, w: k.assign(m * k + (1.0 - m) * w),
-            args=(online.value,), group=False)
-
-  def _enqueue(self, keys, key_labels):
-    """Cross-replica: writes the gathered keys FIFO at the pointer."""
-    keys = self.strategy.experimental_local_results(keys)[0]
-    key_labels = self.strategy.experimental_local_results(key_labels)[0]
-    n = tf.shape(keys)[0]
-    slots = (self.queue_pointer + tf.range(n)) % self.config.queue_size
-    self.queue.scatter_update(tf.IndexedSlices(keys, slots))
-    self.queue_labels.scatter_update(tf.IndexedSlices(key_labels, slots))
-    self.queue_pointer.assign((self.queue_pointer + n) %
-                              self.config.queue_size)
 
   @property
   def metric_names(self):
@@ -278,10 +201,11 @@ class Trainer:
       else:
         per_sample, valid = losses.supcon_terms(
             embeddings, labels if method == "supcon" else None, gather=True,
-            **dataclasses.asdict(self.config.loss), **self._queue_kwargs())
+            **dataclasses.asdict(self.config.loss),
+            **(self.memory.loss_kwargs() if self.memory else {}))
       metrics = contrastive_health(embeddings, labels,
                                    supervised=method != "simclr")
-      if self.queue is not None and training:  # popped by _replica_step
+      if self.memory is not None and training:  # popped by _replica_step
         metrics["_keys"] = embeddings
     count = distributed.all_reduce_sum(
         tf.reduce_sum(tf.cast(valid, tf.float32)))
@@ -302,7 +226,7 @@ class Trainer:
         grads = distributed.agree_on_finite(grads)
       self.optimizer.apply_gradients(zip(grads, variables))
       if "_keys" in results:
-        results["_keys"] = self._keys(views, labels, results["_keys"])
+        results["_keys"] = self.memory.keys(views, labels, results["_keys"])
     # Health metrics are per-replica means: weight them to average later.
     replicas = float(self.strategy.num_replicas_in_sync)
     return {k: v if k in ("loss", "_keys") else v / replicas
@@ -310,11 +234,11 @@ class Trainer:
 
   def distributed_step(self, views, labels):
     """One step from per-replica inputs; returns globally reduced metrics."""
-    if self.key_encoder is not None:
-      self._momentum_update()
+    if self.memory is not None:
+      self.memory.momentum_update(self.encoder, self.head, self.strategy)
     per_replica = self.strategy.run(self._compiled_step, args=(views, labels))
     if "_keys" in per_replica:
-      self._enqueue(*per_replica.pop("_keys"))
+      self.memory.enqueue(*per_replica.pop("_keys"), strategy=self.strategy)
     self.step.assign_add(1)
     return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
             for k, v in per_replica.items()}
@@ -337,11 +261,14 @@ class Trainer:
                           if keras.backend.is_float_dtype(w.dtype)])
 
   def checkpoint(self, **extra) -> tf.train.Checkpoint:
-    if self.queue is not None:
-      extra.update(queue=self.queue, queue_labels=self.queue_labels,
-                   queue_pointer=self.queue_pointer)
-    if self.key_encoder is not None:
-      extra.update(key_encoder=self.key_encoder, key_head=self.key_head)
+    if self.memory is not None:
+      # Flat names (queue/, key_encoder/, ...) in the checkpoint.
+      extra.update(queue=self.memory.queue,
+                   queue_labels=self.memory.queue_labels,
+                   queue_pointer=self.memory.queue_pointer)
+      if self.memory.key_encoder is not None:
+        extra.update(key_encoder=self.memory.key_encoder,
+                     key_head=self.memory.key_head)
     return tf.train.Checkpoint(encoder=self.encoder, head=self.head,
                                optimizer=self.optimizer, step=self.step,
                                **extra)

@@ -47,11 +47,12 @@ def tiny_encoder():
                        sync_batch_norm=True)
 
 
-def make_model(strategy=None, initial=None, loss=None):
+def make_model(strategy=None, initial=None, loss=None, **memory):
   strategy = strategy or tf.distribute.get_strategy()
   with strategy.scope():
     model = keras_model.SupConModel(tiny_encoder(),
-                                      models.ProjectionHead(output_dim=DIM))
+                                    models.ProjectionHead(output_dim=DIM),
+                                    **memory)
     model.build((None, VIEWS, IMAGE, IMAGE, 3))
     if initial is not None:
       for var, value in zip(model.weights, initial):
@@ -97,20 +98,25 @@ def test_fit_reports_the_forward_loss(one_device):
   np.testing.assert_allclose(fit_loss, want, rtol=1e-5)
 
 
-def test_fit_step_matches_custom_loop(one_device):
-  initial, fit_loss, fit_weights = one_device
+def loop_trainer(**memory):
+  """`train_lib.Trainer` with the settings `make_model` compiles."""
   config = config_lib.TrainConfig(
-      method="supcon", batch_size=BATCH, steps=1,
+      method="supcon", batch_size=BATCH, steps=1, **memory,
       loss=config_lib.LossConfig(temperature=0.1),
       model=config_lib.ModelConfig(encoder="resnet18", width=0.0625,
                                    projection_dim=DIM),
       optimizer=config_lib.OptimizerConfig(
           name="sgd", learning_rate=LEARNING_RATE, scale_by_batch=False,
           momentum=0.0, weight_decay=0.0, schedule="constant"))
-  trainer = train_lib.Trainer(
+  return train_lib.Trainer(
       config, tf.distribute.get_strategy(), num_classes=3,
       input_shape=(IMAGE, IMAGE, 3), steps_per_epoch=1,
       encoder=tiny_encoder())
+
+
+def test_fit_step_matches_custom_loop(one_device):
+  initial, fit_loss, fit_weights = one_device
+  trainer = loop_trainer()
   trainer_vars = trainer.encoder.weights + trainer.head.weights
   for var, value in zip(trainer_vars, initial):
     var.assign(value)
@@ -120,6 +126,104 @@ def test_fit_step_matches_custom_loop(one_device):
   assert_weights_close(fit_weights, [v.numpy() for v in trainer_vars])
   # The step moved the weights: the comparison is not of initial values.
   assert not all(np.allclose(a, b) for a, b in zip(initial, fit_weights))
+
+
+def queue_state(memory):
+  return [memory.queue.numpy(), memory.queue_labels.numpy(),
+          memory.queue_pointer.numpy()]
+
+
+def fit_steps(model, steps):
+  """One `fit` call per step, on batches of seeds 0..steps-1; the losses."""
+  return [fit_one_step(model, *global_batch(seed)) for seed in range(steps)]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_fit_with_queue_matches_custom_loop(momentum):
+  # Three steps: the third contrasts against a queue holding two steps'
+  # keys (the queue wraps: 24 rows, 16 keys a step).
+  memory = dict(queue_size=24, key_encoder_momentum=momentum)
+  model = make_model(**memory)
+  online = model.encoder.weights + model.head.weights
+  initial = [v.numpy() for v in online]
+  fit_losses = fit_steps(model, 3)
+  trainer = loop_trainer(**memory)
+  trainer_online = trainer.encoder.weights + trainer.head.weights
+  for var, value in zip(trainer_online, initial):
+    var.assign(value)
+  if momentum:  # the key encoder starts as a copy, in both
+    for key, var in trainer.memory.key_pairs(trainer.encoder, trainer.head):
+      key.assign(var)
+  loop_losses = [
+      float(trainer.distributed_step(*map(tf.constant, global_batch(seed)))
+            ["loss"]) for seed in range(3)]
+  np.testing.assert_allclose(fit_losses, loop_losses, rtol=1e-5)
+  assert_weights_close([v.numpy() for v in online],
+                       [v.numpy() for v in trainer_online])
+  assert_weights_close(queue_state(model.memory),
+                       queue_state(trainer.memory))
+  if momentum:
+    assert_weights_close(
+        [k.numpy() for k, _ in model.memory.key_pairs(model.encoder,
+                                                      model.head)],
+        [k.numpy() for k, _ in trainer.memory.key_pairs(trainer.encoder,
+                                                        trainer.head)])
+  # The queue took part: without it the third step's loss differs.
+  plain = make_model()
+  for var, value in zip(plain.encoder.weights + plain.head.weights, initial):
+    var.assign(value)
+  assert abs(fit_steps(plain, 3)[2] - fit_losses[2]) > 1e-4
+  # Key weights are not trained by the optimizer, and are saved.
+  trainable = {id(v) for v in model.trainable_weights}
+  assert trainable == {id(v) for v in online if v.trainable}
+
+
+def test_queue_is_saved_with_the_model(tmp_path):
+  model = make_model(queue_size=24, key_encoder_momentum=0.9)
+  fit_steps(model, 2)
+  path = os.path.join(tmp_path, "model.keras")
+  model.save(path)
+  restored = keras.saving.load_model(path)
+  assert restored.queue_size == 24 and restored.key_encoder_momentum == 0.9
+  assert_weights_close(queue_state(restored.memory),
+                       queue_state(model.memory))
+  assert_weights_close(weights(restored), weights(model))
+  assert int(restored.memory.queue_pointer.numpy()) == (2 * BATCH * VIEWS) % 24
+
+
+def test_queue_needs_a_supcon_loss():
+  model = make_model(loss=keras.losses.MeanSquaredError(), queue_size=24)
+  views, _ = global_batch()
+  targets = np.zeros((BATCH, VIEWS, DIM), np.float32)
+  with pytest.raises(ValueError, match="queue_size=24 needs a compiled"):
+    model.fit(dataset(views, targets), verbose=0)
+
+
+@pytest.mark.parametrize("memory,expected", [
+    (dict(queue_size=-1), "must be an int >= 0"),
+    (dict(queue_size=24, key_encoder_momentum=1.0), r"in \[0, 1\)"),
+    (dict(key_encoder_momentum=0.9), "needs a queue"),
+])
+def test_bad_queue_settings_raise(memory, expected):
+  with pytest.raises(ValueError, match=expected):
+    keras_model.SupConModel(tiny_encoder(),
+                            models.ProjectionHead(output_dim=DIM), **memory)
+
+
+@pytest.mark.slow
+def test_mirrored_fit_with_queue_matches_one_device():
+  memory = dict(queue_size=24, key_encoder_momentum=0.9)
+  single = make_model(**memory)
+  initial = weights(single)
+  want = fit_steps(single, 3)
+  double = make_model(conftest.make_mirrored(2), initial, **memory)
+  np.testing.assert_allclose(fit_steps(double, 3), want, rtol=1e-5)
+  assert_weights_close(weights(double), weights(single))
+  for replica in range(2):  # every replica's copy of the queue
+    got = [double.distribute_strategy.experimental_local_results(v.value)[
+        replica].numpy() for v in (double.memory.queue,
+                                   double.memory.queue_labels)]
+    assert_weights_close(got, queue_state(single.memory)[:2])
 
 
 @pytest.mark.slow

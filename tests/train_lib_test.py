@@ -417,14 +417,15 @@ def test_batch_not_divisible_by_replicas():
 
 
 def queue_state(trainer):
-  return (trainer.queue.numpy(), trainer.queue_labels.numpy(),
-          int(trainer.queue_pointer.numpy()))
+  memory = trainer.memory
+  return (memory.queue.numpy(), memory.queue_labels.numpy(),
+          int(memory.queue_pointer.numpy()))
 
 
 def test_queue_is_fifo_and_wraps_around():
   keys = GLOBAL_BATCH * VIEWS  # written per step
   trainer = make_trainer(1, tiny_config(queue_size=keys + keys // 2))
-  assert np.all(trainer.queue_labels.numpy() == -1)
+  assert np.all(trainer.memory.queue_labels.numpy() == -1)
   train(trainer, 1)
   first, first_labels, pointer = queue_state(trainer)
   assert pointer == keys
@@ -461,18 +462,19 @@ def test_queue_on_replicas_matches_single_device(momentum):
   want = train(single, 3)
   double = make_trainer(2, config, initial)
   if momentum:
-    for key, online in double._key_pairs():  # pylint: disable=protected-access
+    for key, online in double.memory.key_pairs(double.encoder, double.head):
       key.assign(online)
   np.testing.assert_allclose(train(double, 3), want, rtol=1e-5, atol=1e-6)
   queue, labels, pointer = queue_state(single)
   for replica in range(2):  # every replica's copy
     np.testing.assert_allclose(
-        double.strategy.experimental_local_results(double.queue)[
+        double.strategy.experimental_local_results(double.memory.queue.value)[
             replica].numpy(), queue, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(
-        double.strategy.experimental_local_results(double.queue_labels)[
+        double.strategy.experimental_local_results(
+            double.memory.queue_labels.value)[
             replica].numpy(), labels)
-  assert int(double.queue_pointer.numpy()) == pointer
+  assert int(double.memory.queue_pointer.numpy()) == pointer
   for got, ref in zip(weights(double), weights(single)):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
@@ -485,8 +487,9 @@ def test_key_encoder_is_a_moving_average():
   train(trainer, 1)
   after_one = weights(trainer)
   train(trainer, 1)  # the update before step 2 mixes in step 1's weights
-  for (key, online), w0, w1 in zip(trainer._key_pairs(), start, after_one):  # pylint: disable=protected-access
-    if key.trainable:
+  pairs = trainer.memory.key_pairs(trainer.encoder, trainer.head)
+  for (key, online), w0, w1 in zip(pairs, start, after_one):
+    if online.trainable:
       np.testing.assert_allclose(key.numpy(), m * w0 + (1 - m) * w1,
                                  rtol=1e-5, atol=1e-6)
     del online
