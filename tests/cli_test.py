@@ -1,5 +1,6 @@
 """The command line: flagfiles, start-up, help and console output."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -90,7 +91,9 @@ CIFAR_RESNET50 = sorted(EXPERIMENTS.glob("cifar*_resnet50.cfg"))
 def test_every_resnet50_recipe_is_checked():
   assert len(CIFAR_RESNET50) == 6
   assert {p.name for p in EXPERIMENTS.glob("*_resnet50.cfg")} == (
-      {p.name for p in CIFAR_RESNET50} | {"imagenet_supcon_resnet50.cfg"})
+      {p.name for p in CIFAR_RESNET50} | {
+          "imagenet_supcon_resnet50.cfg",
+          "imagenet_supcon_momentum_resnet50.cfg"})
 
 
 @pytest.mark.parametrize("flagfile", CIFAR_RESNET50, ids=lambda p: p.stem)
@@ -133,6 +136,22 @@ def test_imagenet_recipe_is_the_simclr_lars_rule(monkeypatch):
   assert train.optimizer.learning_rate == 0.3
   assert train.optimizer.weight_decay == 1e-6
   assert train.data.image_size == 224 and train.model.stem == "imagenet"
+
+
+def test_momentum_recipes_add_only_the_queue(monkeypatch):
+  """Memory recipes = their base recipe + batch, queue and key encoder."""
+  pairs = [("imagenet_supcon_momentum_resnet50", "imagenet_supcon_resnet50"),
+           ("cifar10_supcon_b64_queue_cpu30", "cifar10_supcon_cpu30"),
+           ("cifar10_supcon_b128_queue_cpu30", "cifar10_supcon_cpu30")]
+  for name, base in pairs:
+    train, linear, _ = resolve(EXPERIMENTS / f"{name}.cfg", monkeypatch)
+    want, want_linear, _ = resolve(EXPERIMENTS / f"{base}.cfg", monkeypatch)
+    assert train.queue_size >= train.batch_size * train.data.num_views * 8
+    assert 0.9 <= train.key_encoder_momentum < 1.0
+    assert train == dataclasses.replace(
+        want, batch_size=train.batch_size, queue_size=train.queue_size,
+        key_encoder_momentum=train.key_encoder_momentum), name
+    assert linear == want_linear
 
 
 def test_flags_are_parsed_and_checked_without_tensorflow(tmp_path):
