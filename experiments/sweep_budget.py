@@ -28,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from supcon_tf import config as config_lib  # pylint: disable=g-import-not-at-top
 from supcon_tf import data
-from supcon_tf import evaluation
+from supcon_tf import knn
 from supcon_tf import train_lib
 
 
@@ -70,15 +70,16 @@ def run_variant(name, config, out, train_examples, val_examples):
   if validation is None:
     raise SystemExit("validation_fraction=0 leaves no validation split to "
                      "score settings on.")
-  knn = evaluation.knn_accuracy(encoder, neighbours.take(train_examples // 500),
-                                validation.take(val_examples // 500))
+  knn_top1 = knn.knn_accuracy(encoder,
+                              neighbours.take(train_examples // 500),
+                              validation.take(val_examples // 500))
   # The scaled loss is tau * L; L itself compares across temperatures.
   # Cross-entropy has no temperature.
   scale = (config.loss.temperature
            if config.loss.scale_by_temperature and config.method != "ce"
            else 1.0)
   return dict(variant=name, loss=result.loss / scale,
-              image_passes=image_passes(config), val_knn_top1=knn,
+              image_passes=image_passes(config), val_knn_top1=knn_top1,
               seconds=seconds)
 
 

@@ -192,7 +192,7 @@ def plot_embeddings(features, labels, out_png: str, *,
   """A 2-D scatter plot of embeddings coloured by class.
 
   Args:
-    features: `[n, dim]` float embeddings (e.g. from `evaluation.embed`).
+    features: `[n, dim]` float embeddings (e.g. from `knn.embed`).
     labels: `[n]` int class of each row.
     out_png: where to write the PNG (parent directories are created).
     class_names: legend names in label order (default: the label numbers).
@@ -247,7 +247,7 @@ def plot_robustness(results_by_model: Mapping[str, Mapping], out_png: str
   Severity 0 is the clean accuracy.
 
   Args:
-    results_by_model: `{model name: evaluation.corruption_robustness(...)
+    results_by_model: `{model name: robustness.corruption_robustness(...)
       result}` (the dicts stored in `robustness.json`).
     out_png: where to write the PNG (parent directories are created).
 
@@ -266,7 +266,7 @@ def plot_robustness(results_by_model: Mapping[str, Mapping], out_png: str
     if missing:
       raise ValueError(
           f"Robustness result of {name!r} lacks {sorted(missing)}; pass the "
-          "dict returned by evaluation.corruption_robustness.")
+          "dict returned by robustness.corruption_robustness.")
     kinds += [k for k in result["top1"] if k not in kinds]
   if not kinds:
     raise ValueError("No corruption kinds in results_by_model.")

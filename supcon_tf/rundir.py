@@ -33,6 +33,8 @@ CHECKPOINTS_DIR = "checkpoints"
 EVENTS_DIR = "train"
 CLASSIFIER_FILE = "classifier.keras"
 LINEAR_BACKUP_DIR = "linear_backup"
+PLOTS_DIR = "plots"
+ROBUSTNESS_FILE = "robustness.json"
 
 # Fields that may change between a run and its resumption without changing
 # the experiment.
@@ -70,6 +72,14 @@ def checkpoints_dir(run_dir: str) -> str:
 
 def events_dir(workdir: str) -> str:
   return os.path.join(workdir, PRETRAIN_DIR, EVENTS_DIR)
+
+
+def plots_dir(workdir: str) -> str:
+  return os.path.join(workdir, PLOTS_DIR)
+
+
+def robustness_path(workdir: str) -> str:
+  return os.path.join(workdir, ROBUSTNESS_FILE)
 
 
 def atomic_write(path: str, contents: Union[str, bytes]) -> None:

@@ -156,3 +156,27 @@ def reference_anchor_loss(positives, negatives, *, denominator, summation,
   else:
     loss = math.log(len(log_probs)) - logsumexp(log_probs)
   return loss * temperature if scale_by_temperature else loss
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path):
+  assert os.path.isfile(path), path
+  assert os.path.getsize(path) > 1000, os.path.getsize(path)
+  with open(path, "rb") as f:
+    assert f.read(8) == PNG_MAGIC
+
+
+def write_scalars(event_dir, steps, method="supcon"):
+  """TF2 summaries like a pretraining run's, at `steps`."""
+  writer = tf.summary.create_file_writer(str(event_dir))
+  with writer.as_default():
+    for step in steps:
+      tf.summary.scalar("loss", 5.0 - 0.1 * step, step=step)
+      tf.summary.scalar("learning_rate", 0.01 * step, step=step)
+      tf.summary.scalar("nn_top1" if method != "ce" else "accuracy",
+                        0.1 * step, step=step)
+      tf.summary.scalar("images_per_second", 100.0 + step, step=step)
+  writer.close()
+
