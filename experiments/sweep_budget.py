@@ -29,6 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from supcon_tf import config as config_lib  # pylint: disable=g-import-not-at-top
 from supcon_tf import data
 from supcon_tf import knn
+from supcon_tf import pretrained
 from supcon_tf import train_lib
 
 
@@ -62,7 +63,7 @@ def run_variant(name, config, out, train_examples, val_examples):
   start = time.perf_counter()
   result = train_lib.pretrain(config, workdir)
   seconds = time.perf_counter() - start
-  encoder = train_lib.restore_encoder(workdir, config)
+  encoder = pretrained.restore_encoder(workdir, config)
   # The same split as pretraining: neighbours from its training part,
   # queries from the held-out validation part.
   neighbours = data.eval_dataset(config.data, "train", batch_size=500)

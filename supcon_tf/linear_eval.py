@@ -255,7 +255,7 @@ def linear_eval(encoder: keras.Model,
 
   Args:
     encoder: a built Keras model `[batch, H, W, 3] -> [batch, dim]`, e.g.
-      from `train_lib.restore_encoder`. It is set `trainable=False`; its
+      from `pretrained.restore_encoder`. It is set `trainable=False`; its
       weights (batch-norm statistics included) are not changed.
     data_config: where the data comes from (unused with `datasets`, except
       that the image path reads its augmentation settings).
@@ -304,13 +304,8 @@ def linear_eval(encoder: keras.Model,
   with strategy.scope():
     classifier = build_classifier(encoder, num_classes)
     dense = classifier.get_layer("linear")
-    if cached:
-      features = keras.Input(shape=(splits.train[0].shape[1],),
-                             name="features")
-      model = keras.Model(features, dense(features),
-                          name="linear_on_features")
-    else:
-      model = classifier
+    model = (_on_features(dense, splits.train[0].shape[1]) if cached
+             else classifier)
   initial_weights = dense.get_weights()
 
   backup_root = os.path.join(workdir, BACKUP_DIR) if workdir else None
@@ -324,41 +319,7 @@ def linear_eval(encoder: keras.Model,
         "cached_features": cached,
     })
   selection = linear_backup.Selection(learning_rates, select, backup_root)
-
-  def train_stream():
-    """A new pipeline of the training batches, repeating forever.
-
-    One per learning rate: a reshuffling `shuffle` carries its state over to
-    the next iterator of the same dataset, so a shared pipeline would make
-    each learning rate's batches depend on the ones before it, and a
-    resumed run differ from an uninterrupted one.
-    """
-    if cached:
-      ds = tf.data.Dataset.from_tensor_slices(splits.train).shuffle(
-          len(splits.train[1]), seed=config.seed,
-          reshuffle_each_iteration=True).batch(config.batch_size)
-    elif datasets is None:
-      return data.supervised_dataset(
-          data_config, global_batch_size=config.batch_size, seed=config.seed,
-          augment=config.augment, repeat=True)
-    else:
-      ds = splits.train
-    # One iterator for the whole fit instead of one per epoch (costly under
-    # a MirroredStrategy); each repetition is one epoch.
-    return ds.repeat()
-
-  if cached:
-    validation = (None if splits.validation is None else
-                  tf.data.Dataset.from_tensor_slices(splits.validation).batch(
-                      config.batch_size))
-  else:
-    validation = splits.validation
-  steps_per_epoch = splits.steps_per_epoch or _count_batches(
-      tf.data.Dataset.from_tensor_slices(splits.train[1]).batch(
-          config.batch_size) if cached else splits.train)
-  fit_data = dict(steps_per_epoch=steps_per_epoch,
-                  validation_data=validation)
-
+  steps_per_epoch, validation = _epoch_and_validation(splits, config, cached)
   for index, learning_rate in enumerate(learning_rates):
     if selection.done[index]:
       continue
@@ -367,28 +328,13 @@ def linear_eval(encoder: keras.Model,
                    learning_rate, index + 1, len(learning_rates),
                    config.epochs)
     dense.set_weights(initial_weights)
-    with strategy.scope():
-      _compile(model, _optimizer(config, learning_rate,
-                                 steps_per_epoch * config.epochs), top5_k)
-    callbacks = [linear_backup.EpochRecorder(selection, index, dense)]
-    done = 0
-    if backup_root:
-      backup = linear_backup.EpochBackup(
-          os.path.join(backup_root, f"lr{index}"))
-      with strategy.scope():  # Optimizer variables made here are mirrored.
-        done = backup.restore(model)
-      # After the recorder, so that a kill between the two re-runs the epoch
-      # rather than losing its record.
-      callbacks.append(backup)
-    # Skipping the finished epochs' batches gives the resumed epochs the
-    # batches (and shuffles) of an uninterrupted run.
-    model.fit(train_stream().skip(done * steps_per_epoch),
-              epochs=config.epochs,
-              initial_epoch=done, callbacks=callbacks, shuffle=False,
-              verbose=1 if verbose else 0, **fit_data)
-    selection.finish(index)
-    if backup_root:
-      tf.io.gfile.rmtree(backup.directory)
+    _fit_learning_rate(
+        model, dense, index, learning_rate, strategy=strategy, config=config,
+        selection=selection, backup_root=backup_root, top5_k=top5_k,
+        train=_train_stream(splits, config, data_config, cached,
+                            custom=datasets is not None),
+        steps_per_epoch=steps_per_epoch, validation=validation,
+        verbose=verbose)
     if verbose:
       logging.info("Linear eval: learning rate %g done; best so far: %s.",
                    learning_rate, selection.best)
@@ -399,16 +345,8 @@ def linear_eval(encoder: keras.Model,
     _compile(classifier, None, top5_k)
   test = classifier.evaluate(splits.test, return_dict=True,
                              verbose=1 if verbose else 0)
-  best = selection.best
-  result = LinearEvalResult(
-      val_top1=best.get("val_top1") if select else None,
-      val_top5=best.get("val_top5") if select else None,
-      test_top1=float(test["top1"]), test_top5=float(test["top5"]),
-      learning_rate=learning_rates[best["index"]], epochs=best["epoch"],
-      history=[{"learning_rate": rate, "epochs": records}
-               for rate, records in zip(learning_rates, selection.history)],
-      selected_on="validation" if select else "none",
-      num_classes=num_classes, top5_k=top5_k, cached_features=cached)
+  result = _result(selection, test, learning_rates, select=select,
+                   num_classes=num_classes, top5_k=top5_k, cached=cached)
   if verbose:
     logging.info("Linear eval: lr %g, %d epochs (chosen on %s): test top-1 "
                  "%.4f, top-%d %.4f.", result.learning_rate, result.epochs,
@@ -421,6 +359,94 @@ def linear_eval(encoder: keras.Model,
                    indent=2, sort_keys=True))
     tf.io.gfile.rmtree(backup_root)
   return classifier, result
+
+
+def _on_features(dense, dim: int) -> keras.Model:
+  """`dense` on cached features `[batch, dim]`: trains the classifier's layer."""
+  features = keras.Input(shape=(dim,), name="features")
+  return keras.Model(features, dense(features), name="linear_on_features")
+
+
+def _train_stream(splits, config, data_config, cached, custom):
+  """A new pipeline of the training batches, repeating forever.
+
+  One per learning rate: a reshuffling `shuffle` carries its state over to
+  the next iterator of the same dataset, so a shared pipeline would make
+  each learning rate's batches depend on the ones before it, and a resumed
+  run differ from an uninterrupted one.
+  """
+  if cached:
+    ds = tf.data.Dataset.from_tensor_slices(splits.train).shuffle(
+        len(splits.train[1]), seed=config.seed,
+        reshuffle_each_iteration=True).batch(config.batch_size)
+  elif not custom:
+    return data.supervised_dataset(
+        data_config, global_batch_size=config.batch_size, seed=config.seed,
+        augment=config.augment, repeat=True)
+  else:
+    ds = splits.train
+  # One iterator for the whole fit instead of one per epoch (costly under a
+  # MirroredStrategy); each repetition is one epoch.
+  return ds.repeat()
+
+
+def _epoch_and_validation(splits, config, cached):
+  """`(steps per epoch, validation dataset or None)` for `fit`."""
+  validation = splits.validation
+  if cached and validation is not None:
+    validation = tf.data.Dataset.from_tensor_slices(validation).batch(
+        config.batch_size)
+  steps_per_epoch = splits.steps_per_epoch or _count_batches(
+      tf.data.Dataset.from_tensor_slices(splits.train[1]).batch(
+          config.batch_size) if cached else splits.train)
+  return steps_per_epoch, validation
+
+
+def _fit_learning_rate(model, dense, index, learning_rate, *, strategy,
+                       config, selection, backup_root, top5_k, train,
+                       steps_per_epoch, validation, verbose):
+  """Trains the linear layer at one learning rate, resuming its backup.
+
+  Every epoch's validation scores go to `selection` (which keeps the best
+  weights); with `backup_root`, every epoch is backed up under
+  `lr<index>/` and a rerun continues after the last backed-up epoch.
+  """
+  with strategy.scope():
+    _compile(model, _optimizer(config, learning_rate,
+                               steps_per_epoch * config.epochs), top5_k)
+  callbacks = [linear_backup.EpochRecorder(selection, index, dense)]
+  done = 0
+  if backup_root:
+    backup = linear_backup.EpochBackup(os.path.join(backup_root,
+                                                    f"lr{index}"))
+    with strategy.scope():  # Optimizer variables made here are mirrored.
+      done = backup.restore(model)
+    # After the recorder, so that a kill between the two re-runs the epoch
+    # rather than losing its record.
+    callbacks.append(backup)
+  # Skipping the finished epochs' batches gives the resumed epochs the
+  # batches (and shuffles) of an uninterrupted run.
+  model.fit(train.skip(done * steps_per_epoch), epochs=config.epochs,
+            initial_epoch=done, callbacks=callbacks, shuffle=False,
+            verbose=1 if verbose else 0, steps_per_epoch=steps_per_epoch,
+            validation_data=validation)
+  selection.finish(index)
+  if backup_root:
+    tf.io.gfile.rmtree(backup.directory)
+
+
+def _result(selection, test, learning_rates, *, select, num_classes, top5_k,
+            cached) -> "LinearEvalResult":
+  best = selection.best
+  return LinearEvalResult(
+      val_top1=best.get("val_top1") if select else None,
+      val_top5=best.get("val_top5") if select else None,
+      test_top1=float(test["top1"]), test_top5=float(test["top5"]),
+      learning_rate=learning_rates[best["index"]], epochs=best["epoch"],
+      history=[{"learning_rate": rate, "epochs": records}
+               for rate, records in zip(learning_rates, selection.history)],
+      selected_on="validation" if select else "none",
+      num_classes=num_classes, top5_k=top5_k, cached_features=cached)
 
 
 def _prepare_splits(encoder, data_config, config, datasets, num_classes,

@@ -29,6 +29,7 @@ from supcon_tf import distributed
 from supcon_tf import evaluation
 from supcon_tf import export
 from supcon_tf import linear_eval
+from supcon_tf import pretrained
 from supcon_tf import rundir
 from supcon_tf import train_lib
 
@@ -145,7 +146,7 @@ def _later_stages(stages, workdir, report, linear, evaluation_config,
   """Linear evaluation, export and report on the stored pretraining run."""
   pretrain_dir = rundir.pretrain_dir(workdir)
   config = rundir.load_config(pretrain_dir)
-  encoder = train_lib.restore_encoder(pretrain_dir, config)
+  encoder = pretrained.restore_encoder(pretrain_dir, config)
 
   def say(line):
     if verbose:
@@ -188,7 +189,7 @@ def _later_stages(stages, workdir, report, linear, evaluation_config,
 
 def _ce_head_accuracy(pretrain_dir, config) -> dict:
   """Top-1 of a cross-entropy run's own head on validation and test."""
-  model = train_lib.restore_ce_model(
+  model = pretrained.restore_ce_model(
       pretrain_dir, config, data.dataset_info(config.data).num_classes)
   accuracy = {}
   for split in ("validation", "test"):

@@ -74,6 +74,20 @@ def events_dir(workdir: str) -> str:
   return os.path.join(workdir, PRETRAIN_DIR, EVENTS_DIR)
 
 
+def check_writable(workdir: str) -> None:
+  """Creates `workdir` if needed; TrainingError if it cannot be written."""
+  try:
+    tf.io.gfile.makedirs(workdir)
+    probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+    with tf.io.gfile.GFile(probe, "w") as f:
+      f.write("")
+    tf.io.gfile.remove(probe)
+  except (tf.errors.OpError, OSError) as e:
+    raise TrainingError(
+        f"Work dir {workdir} is not writable ({e}). Choose another "
+        "--workdir or fix its permissions.") from None
+
+
 def plots_dir(workdir: str) -> str:
   return os.path.join(workdir, PLOTS_DIR)
 

@@ -17,15 +17,13 @@ import dataclasses
 import logging
 import math
 import os
-import re
-import shutil
-import tempfile
 import time
 from typing import Callable, Optional
 
 import keras
 import tensorflow as tf
 
+from supcon_tf import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import data
 from supcon_tf import distributed
@@ -33,6 +31,7 @@ from supcon_tf import losses
 from supcon_tf import memory as memory_lib
 from supcon_tf import models
 from supcon_tf import optimizers
+from supcon_tf import precision
 from supcon_tf import rundir
 
 
@@ -44,40 +43,7 @@ class TrainResult:
   workdir: str
 
 
-def cpu_has_bfloat16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-  """Whether the CPU runs bfloat16 matrix products in hardware (Linux)."""
-  try:
-    with open(cpuinfo) as f:
-      flags = f.read()
-  except OSError:
-    return False
-  return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
-
-
-def resolve_precision(precision: str) -> str:
-  """`auto` -> the policy measured fastest on this machine; others as is.
-
-  bfloat16 pays where the hardware has it: GPUs of compute capability 8.0
-  or newer, CPUs with AVX512-BF16 or AMX (1.4x float32 for the budget
-  encoder). Without it TensorFlow emulates bfloat16, measured 0.15x the
-  float32 step on an AVX2-only CPU, so `auto` picks float32 there.
-  """
-  if precision != "auto":
-    return precision
-  gpus = tf.config.list_physical_devices("GPU")
-  if gpus:
-    capability = tf.config.experimental.get_device_details(gpus[0]).get(
-        "compute_capability", (0, 0))
-    return "mixed_bfloat16" if capability >= (8, 0) else "float32"
-  return "mixed_bfloat16" if cpu_has_bfloat16() else "float32"
-
-
-def set_precision(precision: str) -> None:
-  """Sets the Keras global dtype policy (`float32`, a mixed policy, `auto`)."""
-  keras.mixed_precision.set_global_policy(resolve_precision(precision))
-
-
-def _ce_head(num_classes: int) -> keras.layers.Dense:
+def ce_head(num_classes: int) -> keras.layers.Dense:
   """Cross-entropy's softmax layer (float32 logits), as trained and restored."""
   return keras.layers.Dense(num_classes, dtype="float32", name="classifier")
 
@@ -110,14 +76,14 @@ class Trainer:
     self.steps_per_epoch = steps_per_epoch
     self.total_steps = total_steps(config, steps_per_epoch)
     previous_policy = keras.mixed_precision.global_policy()
-    set_precision(config.precision)
+    precision.set_global_policy(config.precision)
     try:
       with strategy.scope():
         self.encoder = encoder or models.build_encoder(
             config.model, input_shape=tuple(input_shape),
             num_replicas=strategy.num_replicas_in_sync)
         if config.method == "ce":
-          self.head = _ce_head(num_classes)
+          self.head = ce_head(num_classes)
         else:
           self.head = models.build_head(config.model)
         self.head.build(self.encoder.output_shape)
@@ -126,7 +92,7 @@ class Trainer:
             total_steps=self.total_steps, steps_per_epoch=steps_per_epoch)
         # Any encoder's norm scales/offsets and biases, whatever their names.
         optimizers.exclude_norm_and_bias(optimizer, self.trainable_variables)
-        if resolve_precision(config.precision) == "mixed_float16":
+        if precision.resolve(config.precision) == "mixed_float16":
           optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         self.optimizer = optimizer
         self.optimizer.build(self.trainable_variables)
@@ -345,187 +311,6 @@ def check_jit_compile(jit_compile: bool,
       "--strategy=default to XLA-compile on one device.")
 
 
-def _check_writable(workdir: str) -> None:
-  try:
-    tf.io.gfile.makedirs(workdir)
-    probe = os.path.join(workdir, f".write-test-{os.getpid()}")
-    with tf.io.gfile.GFile(probe, "w") as f:
-      f.write("")
-    tf.io.gfile.remove(probe)
-  except (tf.errors.OpError, OSError) as e:
-    raise rundir.TrainingError(
-        f"Work dir {workdir} is not writable ({e}). Choose another "
-        "--workdir or fix its permissions.") from None
-
-
-class CheckpointSaver:
-  """A `CheckpointManager` that is safe under multi-worker training.
-
-  Every worker must take part in saving (it runs collectives); only the
-  chief's files are kept, the others write to a temporary directory.
-  """
-
-  def __init__(self, checkpoint, directory, strategy, max_to_keep):
-    self.chief = distributed.is_chief(strategy)
-    self._tmp = None if self.chief else tempfile.mkdtemp(prefix="ckpt-")
-    self.manager = tf.train.CheckpointManager(
-        checkpoint, directory if self.chief else self._tmp,
-        max_to_keep=max_to_keep)
-    self.reader = tf.train.CheckpointManager(checkpoint, directory,
-                                             max_to_keep=max_to_keep)
-
-  def restore(self):
-    """Restores the newest readable checkpoint of the chief's directory.
-
-    A newest checkpoint that cannot be read (truncated, garbled, files
-    missing) is skipped, with a warning naming it, for the one before it:
-    the run then recomputes the steps in between.
-
-    Returns:
-      The restored checkpoint's path, or None when the directory holds none.
-
-    Raises:
-      TrainingError: no listed checkpoint restores (another model's, or all
-        unreadable); the message names the newest.
-    """
-    checkpoint = self.reader.checkpoint
-    return _restore_newest(
-        self.reader.directory,
-        lambda path: checkpoint.restore(path).assert_existing_objects_matched(),
-        fallback=True)
-
-  def save(self, step: int):
-    """Writes the checkpoint of `step`.
-
-    Raises:
-      TrainingError: the write failed (e.g. no space left on the device);
-        the checkpoint that was the latest before stays the latest and
-        intact, and the files of the failed one are removed.
-    """
-    directory = self.manager.directory
-    try:
-      return self.manager.save(checkpoint_number=step)
-    except (OSError, tf.errors.OpError) as e:
-      # Only files of a checkpoint that no index lists: a failure after
-      # TF recorded the new checkpoint keeps it.
-      if self.chief and _checkpoint_prefix(directory, step) not in (
-          _listed_checkpoints(directory)):
-        _remove_checkpoint_files(directory, step)
-      latest = _listed_checkpoints(directory)
-      raise rundir.TrainingError(
-          f"Cannot write the checkpoint of step {step} in {directory} "
-          f"({_first_line(e)}); the latest checkpoint is still "
-          f"{latest[0] if latest else 'none'}, intact. Free space on the "
-          "device (or fix it) and run the same command again to resume."
-      ) from None
-    finally:
-      if self._tmp:
-        shutil.rmtree(self._tmp, ignore_errors=True)
-
-
-# What reading a damaged checkpoint raises: DataLossError (checksums),
-# IndexError (a truncated data file), NotFoundError / ValueError (a missing
-# file) or a plain OpError (an unreadable index).
-_RESTORE_ERRORS = (AssertionError, IndexError, ValueError, tf.errors.OpError)
-_DAMAGE_MARKERS = ("checksum", "corrupt", "read less bytes", "truncated",
-                   "failed to find any matching files", "unable to read file",
-                   "data loss")
-
-
-def _first_line(error) -> str:
-  text = str(error).strip()
-  return (text.splitlines() or [type(error).__name__])[0][:300]
-
-
-def _checkpoint_prefix(directory: str, step: int) -> str:
-  return os.path.join(directory, f"ckpt-{step}")
-
-
-def _listed_checkpoints(directory: str):
-  """Checkpoints the `checkpoint` index file of `directory` lists, newest first.
-
-  Paths are rebuilt from their base names, so a moved work dir still finds
-  its checkpoints.
-  """
-  try:
-    state = tf.train.get_checkpoint_state(directory)
-  except (ValueError, tf.errors.OpError) as e:
-    logging.warning("Unreadable checkpoint index in %s (%s).", directory,
-                    _first_line(e))
-    return []
-  if state is None:
-    return []
-  listed = [p for p in state.all_model_checkpoint_paths
-            if p != state.model_checkpoint_path]
-  listed.append(state.model_checkpoint_path)
-  return [os.path.join(directory, os.path.basename(p))
-          for p in reversed(listed)]
-
-
-def _remove_checkpoint_files(directory: str, step: int) -> None:
-  prefix = _checkpoint_prefix(directory, step)
-  for path in tf.io.gfile.glob(f"{prefix}.*") + tf.io.gfile.glob(
-      f"{prefix}_temp*"):
-    try:
-      if tf.io.gfile.isdir(path):
-        tf.io.gfile.rmtree(path)
-      else:
-        tf.io.gfile.remove(path)
-    except (OSError, tf.errors.OpError):
-      pass  # Unreferenced files are harmless; a full disk may refuse this.
-
-
-def _restore_newest(directory: str, restore_fn, *, fallback: bool):
-  """Calls `restore_fn(path)` on the newest listed checkpoint that restores.
-
-  Args:
-    directory: a checkpoints directory.
-    restore_fn: restores one checkpoint path; raises on failure.
-    fallback: try older checkpoints when the newest fails; False raises at
-      once, naming it.
-
-  Returns:
-    The restored path, or None when nothing is listed.
-
-  Raises:
-    TrainingError: no checkpoint restored; names the newest and why.
-  """
-  listed = _listed_checkpoints(directory)
-  if not listed:
-    return None
-  newest_error = None
-  for path in listed if fallback else listed[:1]:
-    try:
-      restore_fn(path)
-    except _RESTORE_ERRORS as e:
-      newest_error = newest_error or e
-      logging.warning("Cannot restore checkpoint %s (%s)%s", path,
-                      _first_line(e), "; trying the one before it." if (
-                          fallback and path != listed[-1]) else ".")
-      continue
-    if path != listed[0]:
-      # The same model restored an older checkpoint: the newest is damaged.
-      logging.warning("Resumed from %s instead of the newest, unreadable "
-                      "checkpoint %s (%s).", path, listed[0],
-                      _first_line(newest_error))
-    return path
-  reason = _first_line(newest_error)
-  if any(m in reason.lower() for m in _DAMAGE_MARKERS):
-    if fallback:
-      raise rundir.TrainingError(
-          f"Checkpoint {listed[0]} is damaged ({reason}) and no earlier one "
-          f"restores: delete {directory} to pretrain from the start, or use "
-          "a new --workdir.")
-    raise rundir.TrainingError(
-        f"Checkpoint {listed[0]} is damaged ({reason}): run --mode=pretrain "
-        "(or all) again, which resumes from the checkpoint before it and "
-        "rewrites this one.")
-  raise rundir.TrainingError(
-      f"Cannot {'resume from' if fallback else 'restore the encoder from'} "
-      f"{listed[0]}: it does not match this model ({reason}). A work dir "
-      "holds one experiment: use a new --workdir.")
-
-
 def pretrain(config: config_lib.TrainConfig, workdir: str,
              strategy: Optional[tf.distribute.Strategy] = None, *,
              encoder: Optional[keras.Model] = None,
@@ -565,36 +350,17 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.seed)
-  _check_writable(workdir)
+  rundir.check_writable(workdir)
   rundir.check_resumable(workdir, config, write=False)
 
-  if dataset_fn is None:
-    info = data.dataset_info(config.data)
-    num_classes, input_shape = info.num_classes, (
-        config.data.image_size, config.data.image_size, 3)
-    steps_per_epoch = max(1, info.num_train // config.batch_size)
-    views = 1 if config.method in ("ce", "npairs") else config.data.num_views
-
-    def pipeline_fn(context, skip_batches):
-      return data.pretrain_dataset(
-          config.data, global_batch_size=config.batch_size, seed=config.seed,
-          input_context=context, num_views=views, skip_batches=skip_batches)
-  else:
-    if config.steps is None:
-      raise ValueError("With a custom dataset_fn, set config.steps.")
-    spec = dataset_fn(tf.distribute.InputContext()).element_spec
-    input_shape = spec[0].shape[2:]
-    num_classes = None
-    steps_per_epoch = config.steps
-
-    def pipeline_fn(context, skip_batches):
-      return dataset_fn(context).skip(skip_batches)
+  num_classes, input_shape, steps_per_epoch, pipeline_fn = _input(
+      config, dataset_fn)
   trainer = Trainer(config, strategy, num_classes=num_classes,
                     input_shape=input_shape, steps_per_epoch=steps_per_epoch,
                     encoder=encoder)
-  saver = CheckpointSaver(trainer.checkpoint(),
-                          rundir.checkpoints_dir(workdir), strategy,
-                          config.keep_checkpoints)
+  saver = checkpoints.CheckpointSaver(
+      trainer.checkpoint(), rundir.checkpoints_dir(workdir), strategy,
+      config.keep_checkpoints)
   restored = saver.restore()
   # Only now: a run that fails on its data or on a foreign checkpoint leaves
   # no config.json behind to refuse the corrected command.
@@ -625,24 +391,13 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
     metrics = {k: float(v) for k, v in
                trainer.train_loop(iterator, tf.constant(steps)).items()}
     elapsed = time.perf_counter() - start
-    # The metrics come from the weights before each update: an update can
-    # still leave inf/NaN weights (or BN statistics) behind a finite loss.
-    finite_metrics = all(math.isfinite(v) for v in metrics.values())
-    if not finite_metrics or not bool(trainer.weights_are_finite()):
-      where = (f"step {step + 1}" if steps == 1 else
-               f"steps {step + 1}..{step + steps}")
-      what = (f"training metrics {metrics}" if not finite_metrics else
-              f"weights (metrics {metrics})")
-      raise rundir.TrainingError(
-          f"Non-finite {what} at {where}; nothing was saved after step "
-          f"{last_saved}. Lower the learning rate or check the inputs.")
+    _check_finite(trainer, metrics, step, steps, last_saved)
     step += steps
     rate = steps * config.batch_size / elapsed
     with writer.as_default(step=step):
-      for name, value in metrics.items():
+      for name, value in dict(metrics, learning_rate=trainer.learning_rate(),
+                              images_per_second=rate).items():
         tf.summary.scalar(name, value)
-      tf.summary.scalar("learning_rate", trainer.learning_rate())
-      tf.summary.scalar("images_per_second", rate)
     progress.update(step, [("loss", metrics["loss"]),
                            ("lr", trainer.learning_rate()), ("img/s", rate)])
     if step - last_saved >= every or step >= end:
@@ -653,6 +408,48 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
     print(flush=True)  # Ends the progress bar, which ends itself at 100 %.
   return TrainResult(step=step, loss=metrics["loss"],
                      images_per_second=rate, workdir=workdir)
+
+
+def _input(config: config_lib.TrainConfig, dataset_fn: Optional[Callable]):
+  """`(num_classes, input_shape, steps_per_epoch, pipeline_fn)` of a run.
+
+  `pipeline_fn(input_context, skip_batches)` makes one worker's pipeline,
+  past the batches it delivered before a checkpoint.
+  """
+  if dataset_fn is None:
+    info = data.dataset_info(config.data)
+    views = 1 if config.method in ("ce", "npairs") else config.data.num_views
+
+    def pipeline_fn(context, skip_batches):
+      return data.pretrain_dataset(
+          config.data, global_batch_size=config.batch_size, seed=config.seed,
+          input_context=context, num_views=views, skip_batches=skip_batches)
+    size = config.data.image_size
+    return (info.num_classes, (size, size, 3),
+            max(1, info.num_train // config.batch_size), pipeline_fn)
+  if config.steps is None:
+    raise ValueError("With a custom dataset_fn, set config.steps.")
+  spec = dataset_fn(tf.distribute.InputContext()).element_spec
+  return (None, spec[0].shape[2:], config.steps,
+          lambda context, skip_batches: dataset_fn(context).skip(skip_batches))
+
+
+def _check_finite(trainer, metrics, step, steps, last_saved) -> None:
+  """TrainingError when a loop's metrics or the weights after it are not finite.
+
+  The metrics come from the weights before each update: an update can
+  still leave inf/NaN weights (or BN statistics) behind a finite loss.
+  """
+  finite_metrics = all(math.isfinite(v) for v in metrics.values())
+  if finite_metrics and bool(trainer.weights_are_finite()):
+    return
+  where = (f"step {step + 1}" if steps == 1 else
+           f"steps {step + 1}..{step + steps}")
+  what = (f"training metrics {metrics}" if not finite_metrics else
+          f"weights (metrics {metrics})")
+  raise rundir.TrainingError(
+      f"Non-finite {what} at {where}; nothing was saved after step "
+      f"{last_saved}. Lower the learning rate or check the inputs.")
 
 
 def _batches_delivered(step: int, context: tf.distribute.InputContext) -> int:
@@ -673,7 +470,7 @@ def _stage_line(config: config_lib.TrainConfig, total: int,
       return f"pretraining: already done ({resumed_at:,} steps)"
     return f"pretraining: resumed from step {resumed_at:,} of {total:,}"
   what = (f"batch {config.batch_size}, {config.method}, "
-          f"{resolve_precision(config.precision)}")
+          f"{precision.resolve(config.precision)}")
   if epochs_known:
     epochs = total / steps_per_epoch
     what = (f"{epochs:.3g} epoch{'' if epochs == 1 else 's'} of "
@@ -685,68 +482,3 @@ def _stage_line(config: config_lib.TrainConfig, total: int,
     line += (f"; warm-up shortened from {requested:,} to {fitted:,} steps "
              "to fit the run")
   return line
-
-
-def restore_encoder(workdir: str, config: config_lib.TrainConfig,
-                    input_shape=None) -> keras.Model:
-  """The encoder of the newest checkpoint in `workdir` (built on one device).
-
-  Args:
-    workdir: a pretraining work dir.
-    config: its `TrainConfig` (see `load_config`).
-    input_shape: `(H, W, C)`; defaults to the config's image size.
-
-  Raises:
-    TrainingError: no checkpoint, or the newest is damaged or of another
-      model (the message names it; no older one is used instead).
-  """
-  return _restore(workdir, config, input_shape)
-
-
-def restore_ce_model(workdir: str, config: config_lib.TrainConfig,
-                     num_classes: int, input_shape=None) -> keras.Model:
-  """A cross-entropy run's own classifier: encoder and trained softmax head.
-
-  Returns a model `[batch, H, W, 3] -> [batch, num_classes]` float32 logits,
-  the network cross-entropy training ended with (beside the linear probe
-  that `linear_eval` fits on its frozen encoder).
-
-  Raises:
-    ValueError: `config.method` is not `ce`.
-    TrainingError: as `restore_encoder`.
-  """
-  if config.method != "ce":
-    raise ValueError(f"method={config.method!r} has no classifier head; "
-                     "only method='ce' trains one.")
-  return _restore(workdir, config, input_shape, num_classes=num_classes)
-
-
-def _restore(workdir, config, input_shape, num_classes=None) -> keras.Model:
-  """The encoder (and with `num_classes`, encoder -> CE head) of the newest
-  checkpoint."""
-  input_shape = input_shape or (config.data.image_size,
-                                config.data.image_size, 3)
-  previous_policy = keras.mixed_precision.global_policy()
-  set_precision(config.precision)
-  try:
-    encoder = models.build_encoder(config.model, input_shape=input_shape,
-                                   num_replicas=1)
-    parts = {"encoder": encoder}
-    if num_classes is not None:
-      parts["head"] = _ce_head(num_classes)
-      parts["head"].build(encoder.output_shape)
-  finally:
-    keras.mixed_precision.set_global_policy(previous_policy)
-  directory = rundir.checkpoints_dir(workdir)
-  checkpoint = tf.train.Checkpoint(**parts)
-  # No fallback: linear evaluation must see the encoder pretraining ended
-  # with, not an older one under its name.
-  if _restore_newest(directory,
-                     lambda path: checkpoint.restore(path).expect_partial(),
-                     fallback=False) is None:
-    raise rundir.TrainingError(f"No checkpoint in {directory}.")
-  if num_classes is None:
-    return encoder
-  images = keras.Input(input_shape)
-  return keras.Model(images, parts["head"](encoder(images, training=False)),
-                     name="ce_classifier")

@@ -15,7 +15,6 @@ from supcon_tf import linear_backup
 from supcon_tf import linear_eval
 from supcon_tf import models
 from supcon_tf import rundir
-from supcon_tf import train_lib
 
 IMAGE = 8
 BATCH = 16

@@ -11,8 +11,8 @@ from supcon_tf import config as config_lib
 from supcon_tf import data
 from supcon_tf import evaluation
 from supcon_tf import pipeline
+from supcon_tf import pretrained
 from supcon_tf import rundir
-from supcon_tf import train_lib
 
 
 def tiny_train(method):
@@ -37,7 +37,7 @@ def test_train_ce_reports_the_head_it_trained(tmp_path):
         verbose=False)
     pretrain_dir = rundir.pretrain_dir(workdir)
     config = rundir.load_config(pretrain_dir)
-    model = train_lib.restore_ce_model(pretrain_dir, config, num_classes=10)
+    model = pretrained.restore_ce_model(pretrain_dir, config, num_classes=10)
     test = data.eval_dataset(config.data, "test", batch_size=500)
     assert report["ce_head"]["test_top1"] == evaluation.top1_accuracy(
         model, test)
@@ -54,7 +54,7 @@ def test_train_ce_reports_the_head_it_trained(tmp_path):
 
 def test_contrastive_runs_have_no_ce_head(tmp_path):
   with pytest.raises(ValueError, match="only method='ce'"):
-    train_lib.restore_ce_model(str(tmp_path), tiny_train("supcon"), 10)
+    pretrained.restore_ce_model(str(tmp_path), tiny_train("supcon"), 10)
 
 
 if __name__ == "__main__":

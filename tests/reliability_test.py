@@ -63,11 +63,13 @@ import tensorflow as tf
 
 import conftest  # pylint: disable=unused-import
 import reliability_driver as driver
+from supcon_tf import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import export
 from supcon_tf import linear_eval
 from supcon_tf import models
 from supcon_tf import pipeline
+from supcon_tf import pretrained
 from supcon_tf import rundir
 from supcon_tf import train_lib
 
@@ -371,14 +373,14 @@ def test_export_killed_before_publishing_keeps_previous_version(tmp_path):
 def _record_saves(monkeypatch):
   """Records the in-memory encoder weights at every checkpoint save."""
   saved = {}
-  real_save = train_lib.CheckpointSaver.save
+  real_save = checkpoints.CheckpointSaver.save
 
   def save(self, step):
     encoder = self.manager.checkpoint.encoder
     saved[step] = [w.numpy().copy() for w in encoder.weights]
     return real_save(self, step)
 
-  monkeypatch.setattr(train_lib.CheckpointSaver, "save", save)
+  monkeypatch.setattr(checkpoints.CheckpointSaver, "save", save)
   return saved
 
 
@@ -399,7 +401,7 @@ def test_nan_inputs_stop_before_saving(tmp_path, monkeypatch):
   ckpt = str(tmp_path / "checkpoints")
   assert tf.train.latest_checkpoint(ckpt).endswith("ckpt-4")
   assert sorted(assert_checkpoints_load(ckpt)) == [2, 4]
-  restored = train_lib.restore_encoder(str(tmp_path), config,
+  restored = pretrained.restore_encoder(str(tmp_path), config,
                                        (driver.IMAGE, driver.IMAGE, 3))
   for got, want in zip(restored.weights, saved[4]):
     np.testing.assert_array_equal(got.numpy(), want)
@@ -430,7 +432,7 @@ def test_exploding_learning_rate_stops_before_saving(tmp_path, monkeypatch):
   ckpt = str(tmp_path / "checkpoints")
   assert tf.train.latest_checkpoint(ckpt).endswith(f"ckpt-{good[-1]}")
   assert sorted(assert_checkpoints_load(ckpt)) == good[-3:]
-  restored = train_lib.restore_encoder(str(tmp_path), config,
+  restored = pretrained.restore_encoder(str(tmp_path), config,
                                        (driver.IMAGE, driver.IMAGE, 3))
   for got, want in zip(restored.weights, saved[good[-1]]):
     np.testing.assert_array_equal(got.numpy(), want)
@@ -477,7 +479,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(
   # Linear evaluation must not silently use an older encoder: it stops.
   before = files_of(workdir)
   with pytest.raises(rundir.TrainingError, match="is damaged") as error:
-    train_lib.restore_encoder(str(workdir), config,
+    pretrained.restore_encoder(str(workdir), config,
                               (driver.IMAGE, driver.IMAGE, 3))
   assert newest in str(error.value) and "\n" not in str(error.value)
   assert "--mode=pretrain" in str(error.value)
@@ -492,7 +494,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(
   assert any(newest in r.getMessage() and "instead of the newest" in
              r.getMessage() for r in caplog.records), caplog.text
   assert_same_tensors(checkpoint_tensors(newest), four_steps[1], how)
-  train_lib.restore_encoder(str(workdir), config,
+  pretrained.restore_encoder(str(workdir), config,
                             (driver.IMAGE, driver.IMAGE, 3))
 
 
@@ -561,7 +563,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(
   for step, tensors in kept.items():
     assert_same_tensors(checkpoint_tensors(str(ckpt / f"ckpt-{step}")),
                         tensors, f"ckpt-{step}")
-  train_lib.restore_encoder(str(workdir), config,
+  pretrained.restore_encoder(str(workdir), config,
                             (driver.IMAGE, driver.IMAGE, 3))
   if failure == "file_size_limit":  # Slow already: one more run.
     # With space again, the same command finishes.

@@ -21,6 +21,7 @@ import conftest
 from supcon_tf import config as config_lib
 from supcon_tf import distributed
 from supcon_tf import plots
+from supcon_tf import pretrained
 from supcon_tf import rundir
 from supcon_tf import train_lib
 
@@ -243,8 +244,8 @@ def test_pretrain_resume_gives_same_weights(tmp_path, replicas):
   second = train_lib.pretrain(config, str(resumed), strategy_for(replicas),
                               dataset_fn=synthetic_dataset_fn, verbose=False)
   assert second.step == 4
-  a = train_lib.restore_encoder(str(straight), config, (IMAGE, IMAGE, 3))
-  b = train_lib.restore_encoder(str(resumed), config, (IMAGE, IMAGE, 3))
+  a = pretrained.restore_encoder(str(straight), config, (IMAGE, IMAGE, 3))
+  b = pretrained.restore_encoder(str(resumed), config, (IMAGE, IMAGE, 3))
   for x, y in zip(a.weights, b.weights):
     np.testing.assert_array_equal(x.numpy(), y.numpy())
   assert tf.io.gfile.glob(str(straight / "train" / "events.*"))
@@ -273,28 +274,6 @@ def test_pretrain_line_counts_epochs_and_a_shortened_warmup():
   assert train_lib._stage_line(config, 1400, 175, None, epochs_known=True) == (
       "pretraining 1,400 steps (8 epochs of 175 steps, batch 8, supcon, "
       "float32)")
-
-
-@pytest.mark.parametrize("flags, expected", [
-    ("fpu vme avx2 fma", False),              # AVX2 only: bf16 emulated
-    ("avx512f avx512bw avx512_bf16", True),   # Cooper Lake, Zen 4
-    ("avx512f amx_tile amx_bf16", True),      # Sapphire Rapids
-    ("avx512f avx512_bf16x", False),          # a longer word, not the flag
-])
-def test_cpu_has_bfloat16_reads_the_cpu_flags(tmp_path, flags, expected):
-  cpuinfo = tmp_path / "cpuinfo"
-  cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-  assert train_lib.cpu_has_bfloat16(str(cpuinfo)) is expected
-  assert not train_lib.cpu_has_bfloat16(str(tmp_path / "missing"))
-
-
-def test_auto_precision_resolves_and_others_pass_through():
-  for precision in ("float32", "mixed_bfloat16", "mixed_float16"):
-    assert train_lib.resolve_precision(precision) == precision
-  if tf.config.list_physical_devices("GPU"):
-    pytest.skip("auto follows the GPU's compute capability there")
-  expected = ("mixed_bfloat16" if train_lib.cpu_has_bfloat16() else "float32")
-  assert train_lib.resolve_precision("auto") == expected
 
 
 def test_pretrain_loss_goes_down(tmp_path):
