@@ -191,7 +191,9 @@ def _tfds_source(config: config_lib.DataConfig) -> _Source:
     ds = builder.as_dataset(
         split=tfds_split, shuffle_files=False,
         decoders={image_key: tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(add_tfds_id=False))
+        # No auto-cache: evaluation reads prefixes of splits, which a cache
+        # discards with a warning; the records are cheap to re-read.
+        read_config=tfds.ReadConfig(add_tfds_id=False, try_autocache=False))
     if cut == "train":
       ds = ds.take(num_train)
     elif cut == "validation":

@@ -204,4 +204,6 @@ def load_classifier(workdir: str) -> keras.Model:
   path = rundir.classifier_path(workdir)
   if not os.path.exists(path):
     raise ValueError(f"{path} does not exist: run --mode=linear_eval first.")
-  return keras.saving.load_model(path)
+  # Inference only: the optimizer state saved with it is not needed (and
+  # Keras warns when a default optimizer's variables do not match it).
+  return keras.saving.load_model(path, compile=False)
