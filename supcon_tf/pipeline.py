@@ -6,7 +6,7 @@ The command line, the tests and a notebook call the same function:
 from supcon_tf import config, pipeline
 report = pipeline.run("all", "runs/first", train=config.TrainConfig(...),
                       linear=config.LinearEvalConfig(),
-                      evaluation=config.EvalConfig())
+                      evaluation_config=config.EvalConfig())
 ```
 
 Every stage resumes from what the work dir holds (`supcon_tf.rundir` names
