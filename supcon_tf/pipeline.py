@@ -163,7 +163,7 @@ def _later_stages(stages, workdir, report, linear, evaluation_config,
         workdir=rundir.linear_eval_dir(workdir), verbose=verbose)
     report["linear_eval"] = {**result.to_dict(),
                              "seconds_this_run": round(time.time() - start, 1)}
-    classifier.save(rundir.classifier_path(workdir))
+    save_classifier(classifier, workdir)
     if config.method == "ce":
       # The probe on the frozen CE encoder is the comparable number; the
       # head CE trained with it is what a CE user would deploy.
@@ -197,6 +197,24 @@ def _ce_head_accuracy(pretrain_dir, config) -> dict:
     if dataset is not None:
       accuracy[f"{split}_top1"] = evaluation.top1_accuracy(model, dataset)
   return accuracy
+
+
+def save_classifier(classifier: keras.Model, workdir: str) -> None:
+  """Writes `classifier.keras` whole or not at all.
+
+  Raises:
+    TrainingError: the write failed (e.g. no space left on the device);
+      an earlier classifier file stays as it was.
+  """
+  path = rundir.classifier_path(workdir)
+  try:
+    rundir.atomic_save(classifier.save, path)
+  except (OSError, tf.errors.OpError) as e:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise rundir.TrainingError(
+        f"Cannot write the linear classifier {path} ({reason}); nothing was "
+        "written there. Free space on the device (or fix it) and run the "
+        "same command again.") from None
 
 
 def load_classifier(workdir: str) -> keras.Model:

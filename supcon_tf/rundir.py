@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Iterable, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 import tensorflow as tf
 
@@ -98,11 +98,33 @@ def robustness_path(workdir: str) -> str:
 
 def atomic_write(path: str, contents: Union[str, bytes]) -> None:
   """Writes text or bytes so that `path` is either old or complete."""
-  tmp = f"{path}.tmp-{os.getpid()}"
   mode = "wb" if isinstance(contents, bytes) else "w"
-  with tf.io.gfile.GFile(tmp, mode) as f:
-    f.write(contents)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+  def write(tmp):
+    with tf.io.gfile.GFile(tmp, mode) as f:
+      f.write(contents)
+
+  atomic_save(write, path)
+
+
+def atomic_save(write: Callable[[str], Any], path: str) -> None:
+  """`write(tmp)` to a sibling file, then renames it to `path`.
+
+  `path` holds its old contents or the complete new ones, never part of
+  them; on failure the partial file is removed and the error re-raised. The
+  sibling keeps `path`'s extension (Keras picks the format by it).
+  """
+  root, extension = os.path.splitext(path)
+  tmp = f"{root}.tmp-{os.getpid()}{extension}"
+  try:
+    write(tmp)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+  except BaseException:
+    try:
+      tf.io.gfile.remove(tmp)
+    except (OSError, tf.errors.OpError):
+      pass  # Not written, or a full disk refusing even this.
+    raise
 
 
 def flatten(values: dict, prefix: str = "") -> dict:

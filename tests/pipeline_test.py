@@ -1,7 +1,11 @@
 """Tests for supcon_tf.pipeline: the stages as a library call."""
 
+import contextlib
+import errno
+import os
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -55,6 +59,42 @@ def test_train_ce_reports_the_head_it_trained(tmp_path):
 def test_contrastive_runs_have_no_ce_head(tmp_path):
   with pytest.raises(ValueError, match="only method='ce'"):
     pretrained.restore_ce_model(str(tmp_path), tiny_train("supcon"), 10)
+
+
+@pytest.mark.parametrize("failure", ["enospc", "file_size_limit"])
+def test_full_disk_at_the_classifier_is_one_line_and_keeps_the_old_one(
+    tmp_path, monkeypatch, failure):
+  workdir = str(tmp_path / "run")
+  linear = config_lib.LinearEvalConfig(epochs=1, batch_size=8)
+  path = rundir.classifier_path(workdir)
+  with conftest.mock_tfds(tmp_path, num_examples=16, num_train=20):
+    pipeline.run("pretrain", workdir, train=tiny_train("supcon"),
+                 linear=linear, verbose=False)
+    pipeline.run("linear_eval", workdir, train=tiny_train("supcon"),
+                 linear=linear, verbose=False)
+    with open(path, "rb") as f:
+      before = f.read()
+    if failure == "enospc":
+      def full_save(model, filepath, *args, **kwargs):
+        del model, args, kwargs
+        with open(filepath, "wb") as f:
+          f.write(b"PK")  # Part of a zip file, then the disk is full.
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+      monkeypatch.setattr(keras.Model, "save", full_save)
+      limit = contextlib.nullcontext()
+    else:  # Keras's own writer failing mid-file.
+      limit = conftest.file_size_limit(len(before) // 2)
+    with limit, pytest.raises(rundir.TrainingError) as error:
+      pipeline.run("linear_eval", workdir, train=tiny_train("supcon"),
+                   linear=linear, verbose=False)
+  message = str(error.value)
+  assert "\n" not in message and path in message, message
+  assert "nothing was written there" in message
+  if failure == "enospc":
+    assert "No space left on device" in message
+  with open(path, "rb") as f:
+    assert f.read() == before  # The earlier classifier, intact.
+  assert not [n for n in os.listdir(os.path.dirname(path)) if ".tmp-" in n]
 
 
 if __name__ == "__main__":
