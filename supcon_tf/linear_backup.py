@@ -5,6 +5,7 @@ evaluation runs. Each file is replaced atomically, so a kill at any instant
 leaves a backup that resumes to the result of an uninterrupted run.
 """
 
+import contextlib
 import hashlib
 import io
 import json
@@ -109,13 +110,16 @@ class Selection:
     # np.savez needs a seekable file, which a GFile in write mode is not.
     buffer = io.BytesIO()
     np.savez(buffer, **{f"w{i}": w for i, w in enumerate(self.best_weights)})
-    rundir.atomic_write(self._path(name), buffer.getvalue())
+    with _backup_write(self.directory, self.best["epoch"]):
+      rundir.atomic_write(self._path(name), buffer.getvalue())
 
   def _save(self):
     if not self.directory:
       return
-    rundir.atomic_write(self._path(_STATE_FILE), json.dumps(
-        {"history": self.history, "done": self.done, "best": self.best}))
+    epoch = max((r["epoch"] for h in self.history for r in h), default=0)
+    with _backup_write(self.directory, epoch):
+      rundir.atomic_write(self._path(_STATE_FILE), json.dumps(
+          {"history": self.history, "done": self.done, "best": self.best}))
     keep = self.best and self.best.get("weights_file")
     for name in tf.io.gfile.listdir(self.directory):
       if name.startswith("best-") and name.endswith(".npz") and name != keep:
@@ -156,15 +160,40 @@ class EpochBackup(keras.callbacks.Callback):
     return int(state["epochs"])
 
   def on_epoch_end(self, epoch, logs=None):
-    tf.io.gfile.makedirs(self.directory)
     name = f"epoch{epoch + 1}.weights.h5"
-    self.model.save_weights(os.path.join(self.directory, name),
-                            overwrite=True)
-    rundir.atomic_write(os.path.join(self.directory, _BACKUP_FILE),
-                           json.dumps({"epochs": epoch + 1, "weights": name}))
+    path = os.path.join(self.directory, name)
+    with _backup_write(self.directory, epoch + 1):
+      tf.io.gfile.makedirs(self.directory)
+      try:
+        self.model.save_weights(path, overwrite=True)
+      except BaseException:
+        # No state file names it yet; a partial file would only take space.
+        if tf.io.gfile.exists(path):
+          tf.io.gfile.remove(path)
+        raise
+      rundir.atomic_write(os.path.join(self.directory, _BACKUP_FILE),
+                          json.dumps({"epochs": epoch + 1, "weights": name}))
     for old in tf.io.gfile.listdir(self.directory):
       if old.endswith(".weights.h5") and old != name:
         tf.io.gfile.remove(os.path.join(self.directory, old))
+
+
+@contextlib.contextmanager
+def _backup_write(directory: str, epoch: int):
+  """A failed backup write (e.g. a full disk) as one TrainingError line.
+
+  Every backup file is new or atomically replaced, so the backup of the
+  epoch before stays whole and a rerun resumes from it.
+  """
+  try:
+    yield
+  except (OSError, tf.errors.OpError) as e:
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise rundir.TrainingError(
+        f"Cannot back up linear evaluation epoch {epoch} in {directory} "
+        f"({reason}); the backup before it is intact. Free space on the "
+        "device (or fix it) and run the same command again to resume."
+    ) from None
 
 
 class EpochRecorder(keras.callbacks.Callback):

@@ -1,5 +1,6 @@
 """Tests of supcon_tf.linear_eval: frozen encoder, honest selection, resume."""
 
+import errno
 import json
 import os
 import sys
@@ -280,6 +281,45 @@ def test_killed_run_resumes(tmp_path, monkeypatch):
       [1, 2, 3], [1, 2, 3]]
   assert result.test_top1 > 0.5
   assert os.path.exists(tmp_path / linear_eval.RESULT_FILE)
+  assert not os.path.exists(tmp_path / linear_eval.BACKUP_DIR)
+
+
+def test_full_disk_while_backing_up_is_one_line_and_resumable(
+    tmp_path, monkeypatch):
+  config = eval_config(epochs=3, learning_rates=(0.3,))
+  encoder = tiny_encoder()
+  _, want = linear_eval.linear_eval(
+      encoder, config_lib.DataConfig(), config, datasets=easy_datasets(),
+      verbose=False)
+  save_weights = keras.Model.save_weights
+  calls = []
+
+  def full_disk_at_epoch_2(model, filepath, *args, **kwargs):
+    calls.append(filepath)
+    if len(calls) < 2:
+      return save_weights(model, filepath, *args, **kwargs)
+    with open(filepath, "wb") as f:
+      f.write(b"\x89HDF")  # Part of a file, then the disk is full.
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(keras.Model, "save_weights", full_disk_at_epoch_2)
+  with pytest.raises(rundir.TrainingError) as error:
+    linear_eval.linear_eval(encoder, config_lib.DataConfig(), config,
+                            datasets=easy_datasets(), workdir=str(tmp_path),
+                            verbose=False)
+  message = str(error.value)
+  assert "\n" not in message, message
+  assert "Cannot back up linear evaluation epoch 2" in message
+  assert "No space left on device" in message
+  backup = tmp_path / linear_eval.BACKUP_DIR / "lr0"
+  assert sorted(p for p in os.listdir(backup) if p.endswith(".h5")) == [
+      "epoch1.weights.h5"]  # The failed epoch left nothing behind.
+  monkeypatch.setattr(keras.Model, "save_weights", save_weights)
+  _, got = linear_eval.linear_eval(
+      encoder, config_lib.DataConfig(), config, datasets=easy_datasets(),
+      workdir=str(tmp_path), verbose=False)
+  assert [e["epoch"] for e in got.history[0]["epochs"]] == [1, 2, 3]
+  assert got.test_top1 == pytest.approx(want.test_top1, abs=1e-6)
   assert not os.path.exists(tmp_path / linear_eval.BACKUP_DIR)
 
 
