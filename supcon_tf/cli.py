@@ -31,91 +31,136 @@ from absl import logging
 from supcon_tf import config as config_lib
 
 MODES = config_lib.MODES
+# Flag defaults: the CPU-budget recipe, defined once in config.
+_TRAIN = config_lib.BUDGET_TRAIN
+_LINEAR = config_lib.BUDGET_LINEAR
 
 flags.DEFINE_enum("mode", "all", MODES, "What to run.")
 flags.DEFINE_string("workdir", None, "Directory of the run (resumed if it "
                     "holds one).")
-flags.DEFINE_string("dataset", "cifar10", "TFDS name or folder:<path>.")
-flags.DEFINE_string("data_dir", None, "TFDS data dir with the prepared "
-                    "dataset (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).")
-flags.DEFINE_enum("method", "supcon", config_lib.METHODS, "Training method.")
-flags.DEFINE_string("encoder", "resnet18", "resnet18/34/50/101/152/200.")
-flags.DEFINE_enum("stem", "cifar", ["cifar", "imagenet"], "ResNet stem.")
-flags.DEFINE_float("width", 0.25, "ResNet width multiplier.")
-flags.DEFINE_enum("head", "mlp", ["mlp", "linear"], "Projection head.")
-flags.DEFINE_integer("projection_dim", 128, "Projection output width.")
-flags.DEFINE_integer("image_size", 32, "Encoder input size.")
-flags.DEFINE_integer("num_views", 2, "Views per image.")
-flags.DEFINE_enum("augmentation", "simclr", config_lib.AUGMENTATIONS,
-                  "View augmentation policy.")
-flags.DEFINE_bool("blur", False, "Gaussian blur in the SimCLR policy.")
-flags.DEFINE_enum("crop_sampling", "simclr", config_lib.CROP_SAMPLINGS,
-                  "Random-resized-crop box: simclr (SimCLR's TF code, crop "
-                  "height uniform) or torchvision (area uniform).")
-flags.DEFINE_enum("eval_crop", "auto", config_lib.EVAL_CROPS,
-                  "Evaluation/serving images: center (short side to "
-                  "size/0.875, centre crop), resize (whole image) or auto "
-                  f"(center from --image_size="
-                  f"{config_lib.CENTER_CROP_MIN_SIZE} up).")
-flags.DEFINE_bool("skip_corrupt", False, "In folder datasets, skip (and "
-                  "count) undecodable image files instead of failing.")
-flags.DEFINE_float("validation_fraction", 0.1, "Share of the training split "
-                   "held out for linear-evaluation choices.")
-flags.DEFINE_integer("train_examples", None, "Use only the first N examples "
-                     "of the training split (after the validation hold-out), "
-                     "e.g. for a smoke test or a laptop.")
-flags.DEFINE_integer("batch_size", 256, "Global batch size (samples).")
-flags.DEFINE_float("epochs", 8, "Pretraining epochs.")
-flags.DEFINE_integer("steps", None, "Pretraining steps (overrides --epochs).")
-flags.DEFINE_float("temperature", 0.1, "Loss temperature.")
-flags.DEFINE_enum("contrast_mode", "all", config_lib.CONTRAST_MODES, "Anchors.")
-flags.DEFINE_enum("summation", "out", config_lib.SUMMATIONS, "L_out or L_in.")
-flags.DEFINE_enum("denominator", "all", config_lib.DENOMINATORS,
-                  "Loss denominator.")
-flags.DEFINE_integer("positives_cap", None, "Cap on positive views per anchor.")
-flags.DEFINE_integer("queue_size", 0, "Memory queue of past keys (rows, one "
-                     "per view) added to the contrast set; 0 = off.")
-flags.DEFINE_float("key_encoder_momentum", 0.0, "0: queue keys from the "
-                   "online encoder (XBM); in (0, 1): from its EMA (MoCo).")
-flags.DEFINE_enum("optimizer", "adamw", config_lib.OPTIMIZERS, "Optimizer.")
-flags.DEFINE_float("learning_rate", 0.01, "Base learning rate for batch 256 "
+flags.DEFINE_string("dataset", _TRAIN.data.dataset,
+                    "TFDS name or folder:<path>.")
+flags.DEFINE_string(
+    "data_dir", _TRAIN.data.data_dir, "TFDS data dir with the prepared "
+    "dataset (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).")
+flags.DEFINE_enum("method", _TRAIN.method, config_lib.METHODS,
+                  "Training method.")
+flags.DEFINE_string("encoder", _TRAIN.model.encoder,
+                    "resnet18/34/50/101/152/200.")
+flags.DEFINE_enum("stem", _TRAIN.model.stem, config_lib.STEMS, "ResNet stem.")
+flags.DEFINE_float("width", _TRAIN.model.width, "ResNet width multiplier.")
+flags.DEFINE_enum("head", _TRAIN.model.head, config_lib.HEADS,
+                  "Projection head.")
+flags.DEFINE_integer("projection_dim", _TRAIN.model.projection_dim,
+                     "Projection output width.")
+flags.DEFINE_integer("image_size", _TRAIN.data.image_size,
+                     "Encoder input size.")
+flags.DEFINE_integer("num_views", _TRAIN.data.num_views, "Views per image.")
+flags.DEFINE_enum("augmentation", _TRAIN.data.augmentation,
+                  config_lib.AUGMENTATIONS, "View augmentation policy.")
+flags.DEFINE_bool("blur", _TRAIN.data.blur,
+                  "Gaussian blur in the SimCLR policy.")
+flags.DEFINE_enum(
+    "crop_sampling", _TRAIN.data.crop_sampling, config_lib.CROP_SAMPLINGS,
+    "Random-resized-crop box: simclr (SimCLR's TF code, crop "
+    "height uniform) or torchvision (area uniform).")
+flags.DEFINE_enum(
+    "eval_crop", _TRAIN.data.eval_crop, config_lib.EVAL_CROPS,
+    "Evaluation/serving images: center (short side to "
+    "size/0.875, centre crop), resize (whole image) or auto "
+    f"(center from --image_size="
+    f"{config_lib.CENTER_CROP_MIN_SIZE} up).")
+flags.DEFINE_bool(
+    "skip_corrupt", _TRAIN.data.skip_corrupt, "In folder datasets, skip (and "
+    "count) undecodable image files instead of failing.")
+flags.DEFINE_float(
+    "validation_fraction", _TRAIN.data.validation_fraction,
+    "Share of the training split "
+    "held out for linear-evaluation choices.")
+flags.DEFINE_integer(
+    "train_examples", _TRAIN.data.train_examples,
+    "Use only the first N examples "
+    "of the training split (after the validation hold-out), "
+    "e.g. for a smoke test or a laptop.")
+flags.DEFINE_integer("batch_size", _TRAIN.batch_size,
+                     "Global batch size (samples).")
+flags.DEFINE_float("epochs", _TRAIN.epochs, "Pretraining epochs.")
+flags.DEFINE_integer("steps", _TRAIN.steps,
+                     "Pretraining steps (overrides --epochs).")
+flags.DEFINE_float("temperature", _TRAIN.loss.temperature, "Loss temperature.")
+flags.DEFINE_enum("contrast_mode", _TRAIN.loss.contrast_mode,
+                  config_lib.CONTRAST_MODES, "Anchors.")
+flags.DEFINE_enum("summation", _TRAIN.loss.summation, config_lib.SUMMATIONS,
+                  "L_out or L_in.")
+flags.DEFINE_enum("denominator", _TRAIN.loss.denominator,
+                  config_lib.DENOMINATORS, "Loss denominator.")
+flags.DEFINE_integer("positives_cap", _TRAIN.loss.positives_cap,
+                     "Cap on positive views per anchor.")
+flags.DEFINE_integer(
+    "queue_size", _TRAIN.queue_size, "Memory queue of past keys (rows, one "
+    "per view) added to the contrast set; 0 = off.")
+flags.DEFINE_float(
+    "key_encoder_momentum", _TRAIN.key_encoder_momentum,
+    "0: queue keys from the "
+    "online encoder (XBM); in (0, 1): from its EMA (MoCo).")
+flags.DEFINE_enum("optimizer", _TRAIN.optimizer.name, config_lib.OPTIMIZERS,
+                  "Optimizer.")
+flags.DEFINE_float("learning_rate", _TRAIN.optimizer.learning_rate,
+                   "Base learning rate for batch 256 "
                    "(scaled by batch/256).")
-flags.DEFINE_bool("lr_scaling", True, "Scale --learning_rate by "
-                  "batch_size/256; --nolr_scaling uses it as given.")
-flags.DEFINE_enum("lr_schedule", "cosine", ["cosine", "constant"],
+flags.DEFINE_bool(
+    "lr_scaling", _TRAIN.optimizer.scale_by_batch, "Scale --learning_rate by "
+    "batch_size/256; --nolr_scaling uses it as given.")
+flags.DEFINE_enum("lr_schedule", _TRAIN.optimizer.schedule,
+                  config_lib.LR_SCHEDULES,
                   "Learning-rate schedule after warm-up.")
-flags.DEFINE_float("momentum", 0.9, "Momentum.")
-flags.DEFINE_float("weight_decay", 1e-4, "Weight decay.")
-flags.DEFINE_float("warmup_epochs", 0.5, "Linear warm-up epochs.")
+flags.DEFINE_float("momentum", _TRAIN.optimizer.momentum, "Momentum.")
+flags.DEFINE_float("weight_decay", _TRAIN.optimizer.weight_decay,
+                   "Weight decay.")
+flags.DEFINE_float("warmup_epochs", _TRAIN.optimizer.warmup_epochs,
+                   "Linear warm-up epochs.")
 flags.DEFINE_enum("strategy", "default", config_lib.STRATEGIES,
                   "tf.distribute strategy.")
-flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this many logical "
-                     "devices (e.g. to run --strategy=mirrored on a CPU).")
-flags.DEFINE_enum("mixed_precision", "auto", config_lib.PRECISIONS,
-                  "Compute dtype policy. auto = mixed_bfloat16 where the "
-                  "hardware has bfloat16 (measured 1.4x float32 on an "
-                  "AVX512-BF16 CPU), float32 where it is emulated (0.15x).")
-flags.DEFINE_bool("jit_compile", False, "XLA-compile the training step.")
-flags.DEFINE_bool("deterministic", False, "Enable op determinism.")
-flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_integer("steps_per_loop", 25, "Steps per tf.function call.")
-flags.DEFINE_integer("checkpoint_every", 100, "Steps between checkpoints.")
+flags.DEFINE_integer(
+    "cpu_devices", 0, "Split the CPU into this many logical "
+    "devices (e.g. to run --strategy=mirrored on a CPU).")
+flags.DEFINE_enum(
+    "mixed_precision", _TRAIN.precision, config_lib.PRECISIONS,
+    "Compute dtype policy. auto = mixed_bfloat16 where the "
+    "hardware has bfloat16 (measured 1.4x float32 on an "
+    "AVX512-BF16 CPU), float32 where it is emulated (0.15x).")
+flags.DEFINE_bool("jit_compile", _TRAIN.jit_compile,
+                  "XLA-compile the training step.")
+flags.DEFINE_bool("deterministic", _TRAIN.deterministic,
+                  "Enable op determinism.")
+flags.DEFINE_integer("seed", _TRAIN.seed, "Random seed.")
+flags.DEFINE_integer("steps_per_loop", _TRAIN.steps_per_loop,
+                     "Steps per tf.function call.")
+flags.DEFINE_integer("checkpoint_every", _TRAIN.checkpoint_every,
+                     "Steps between checkpoints.")
 flags.DEFINE_multi_string(
     "set", [], "Set any configuration field, dotted, repeatable: "
     "--set=loss.block_size=512 --set=loss.scale_by_temperature=false "
     "(TrainConfig fields; linear.<field> for LinearEvalConfig, "
     "eval.<field> for EvalConfig).")
-flags.DEFINE_integer("linear_epochs", 10, "Linear-evaluation epochs.")
-flags.DEFINE_list("linear_learning_rates", ["0.3", "1.0", "3.0"],
-                  "Linear-evaluation learning rates, chosen on the "
-                  "validation split.")
-flags.DEFINE_integer("linear_batch_size", 256, "Linear-evaluation batch.")
-flags.DEFINE_bool("linear_augment", False, "Augment in linear evaluation.")
-flags.DEFINE_bool("robustness", True, "Measure corruption robustness in the "
+flags.DEFINE_integer("linear_epochs", _LINEAR.epochs,
+                     "Linear-evaluation epochs.")
+flags.DEFINE_list(
+    "linear_learning_rates", [str(r) for r in _LINEAR.learning_rates],
+    "Linear-evaluation learning rates, chosen on the "
+    "validation split.")
+flags.DEFINE_integer("linear_batch_size", _LINEAR.batch_size,
+                     "Linear-evaluation batch.")
+flags.DEFINE_bool("linear_augment", _LINEAR.augment,
+                  "Augment in linear evaluation.")
+flags.DEFINE_bool("robustness",
+                  config_lib.EvalConfig().robustness,
+                  "Measure corruption robustness in the "
                   "report.")
-flags.DEFINE_bool("json", False, "Print the JSON report on stdout instead of "
-                  "the summary table (it is always in <workdir>/report.json); "
-                  "progress then goes to stderr.")
+flags.DEFINE_bool(
+    "json", False, "Print the JSON report on stdout instead of "
+    "the summary table (it is always in <workdir>/report.json); "
+    "progress then goes to stderr.")
 
 FLAGS = flags.FLAGS
 

@@ -27,6 +27,9 @@ CROP_SAMPLINGS = ("simclr", "torchvision")
 EVAL_CROPS = ("auto", "center", "resize")
 CENTER_CROP_MIN_SIZE = 128
 OPTIMIZERS = ("sgd", "lars", "adamw", "lamb")
+LR_SCHEDULES = ("cosine", "constant")
+STEMS = ("cifar", "imagenet")
+HEADS = ("mlp", "linear")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 # "auto": mixed_bfloat16 where the hardware has bfloat16, else float32.
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
@@ -156,8 +159,8 @@ class ModelConfig:
   sync_batch_norm: Optional[bool] = None
 
   def __post_init__(self):
-    _check_choice("stem", self.stem, ("cifar", "imagenet"))
-    _check_choice("head", self.head, ("mlp", "linear"))
+    _check_choice("stem", self.stem, STEMS)
+    _check_choice("head", self.head, HEADS)
     _check_positive("width", self.width)
     _check_positive("projection_dim", self.projection_dim)
 
@@ -180,7 +183,7 @@ class OptimizerConfig:
 
   def __post_init__(self):
     _check_choice("optimizer", self.name, OPTIMIZERS)
-    _check_choice("schedule", self.schedule, ("cosine", "constant"))
+    _check_choice("schedule", self.schedule, LR_SCHEDULES)
     _check_positive("learning_rate", self.learning_rate)
     if self.weight_decay < 0:
       raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}.")
@@ -381,6 +384,18 @@ def _parse_value(text: str):
     return json.loads(text)
   except json.JSONDecodeError:
     return text
+
+
+# The CPU-budget recipe (experiments/cifar10_supcon_cpu30.cfg, measured in
+# experiments/RESULTS.md): the command line's defaults, each defined here
+# once. The dataclass defaults above stay the library's (a full-width
+# ResNet, SGD), for code that builds its own configuration.
+BUDGET_TRAIN = TrainConfig(
+    epochs=8, steps_per_loop=25, checkpoint_every=100, precision="auto",
+    model=ModelConfig(width=0.25),
+    optimizer=OptimizerConfig(name="adamw", learning_rate=0.01,
+                              warmup_epochs=0.5))
+BUDGET_LINEAR = LinearEvalConfig(epochs=10, learning_rates=(0.3, 1.0, 3.0))
 
 
 def override(config, assignments: Iterable[str]):

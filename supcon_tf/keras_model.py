@@ -232,13 +232,7 @@ class SupConModel(keras.Model):
     if isinstance(loss_fn, losses_lib.SimCLRLoss):
       labels = None
     per_sample, valid = losses_lib.supcon_terms(
-        embeddings, labels, gather=True,
-        temperature=loss_fn.temperature,
-        contrast_mode=loss_fn.contrast_mode, summation=loss_fn.summation,
-        denominator=loss_fn.denominator,
-        positives_cap=loss_fn.positives_cap,
-        scale_by_temperature=loss_fn.scale_by_temperature,
-        block_size=loss_fn.block_size,
+        embeddings, labels, gather=True, **loss_fn.options(),
         **(self.memory.loss_kwargs() if self.memory is not None else {}))
     valid = tf.cast(valid, tf.float32)
     weight = valid

@@ -582,7 +582,8 @@ class SupConLoss(keras.losses.Loss):
     _validate_options(temperature, contrast_mode, summation, denominator)
     _validate_block_size(block_size, None, None)
 
-  def _loss_kwargs(self):
+  def options(self) -> dict:
+    """The settings of `supcon_terms` this loss computes with."""
     return dict(temperature=self.temperature, contrast_mode=self.contrast_mode,
                 summation=self.summation, denominator=self.denominator,
                 positives_cap=self.positives_cap,
@@ -590,10 +591,10 @@ class SupConLoss(keras.losses.Loss):
                 block_size=self.block_size)
 
   def call(self, y_true, y_pred):
-    return _masked(*supcon_terms(y_pred, y_true, **self._loss_kwargs()))
+    return _masked(*supcon_terms(y_pred, y_true, **self.options()))
 
   def get_config(self):
-    return {**super().get_config(), **self._loss_kwargs()}
+    return {**super().get_config(), **self.options()}
 
 
 @keras.saving.register_keras_serializable(package="supcon_tf")
@@ -605,7 +606,7 @@ class SimCLRLoss(SupConLoss):
 
   def call(self, y_true, y_pred):
     del y_true
-    return _masked(*supcon_terms(y_pred, None, **self._loss_kwargs()))
+    return _masked(*supcon_terms(y_pred, None, **self.options()))
 
 
 @keras.saving.register_keras_serializable(package="supcon_tf")
