@@ -152,7 +152,8 @@ def _image_shape(encoder: keras.Model) -> Tuple[Optional[int], ...]:
   return tuple(shape[1:])
 
 
-def extract_features(encoder: keras.Model, dataset: tf.data.Dataset
+def extract_features(encoder: keras.Model, dataset: tf.data.Dataset, *,
+                     progress: bool = False
                      ) -> Tuple[np.ndarray, np.ndarray]:
   """The encoder's representation of every example of a dataset.
 
@@ -162,6 +163,7 @@ def extract_features(encoder: keras.Model, dataset: tf.data.Dataset
   Args:
     encoder: Keras model `[batch, H, W, C] -> [batch, dim]`.
     dataset: finite dataset of `(images [batch, H, W, C], labels [batch])`.
+    progress: show a progress bar over the batches.
 
   Returns:
     `(features [n, dim]` float32, `labels [n]` int32), in dataset order.
@@ -170,11 +172,15 @@ def extract_features(encoder: keras.Model, dataset: tf.data.Dataset
     ValueError: for an empty dataset.
   """
   features, labels = [], []
+  batches = int(dataset.cardinality())
+  bar = keras.utils.Progbar(batches if batches >= 0 else None,
+                            verbose=int(progress), unit_name="batch")
   for images, batch_labels in dataset:
     # predict_on_batch runs with training=False and reuses the model's
     # cached predict function across calls.
     features.append(np.asarray(encoder.predict_on_batch(images), np.float32))
     labels.append(np.asarray(batch_labels))
+    bar.add(1)
   if not features:
     raise ValueError("Cannot extract features of an empty dataset.")
   return (np.concatenate(features).astype(np.float32),
@@ -291,7 +297,8 @@ def linear_eval(encoder: keras.Model,
   learning_rates = tuple(float(r) for r in
                          (config.learning_rates or (config.learning_rate,)))
   splits, num_classes = _prepare_splits(encoder, data_config, config,
-                                        datasets, num_classes, cached)
+                                        datasets, num_classes, cached,
+                                        verbose)
   select = splits.validation is not None
   if not select and len(learning_rates) > 1:
     raise ValueError(
@@ -450,7 +457,7 @@ def _result(selection, test, learning_rates, *, select, num_classes, top5_k,
 
 
 def _prepare_splits(encoder, data_config, config, datasets, num_classes,
-                    cached) -> Tuple[_Splits, int]:
+                    cached, verbose) -> Tuple[_Splits, int]:
   """Builds (or checks) the splits and settles the class count."""
   steps_per_epoch = None
   if datasets is None:
@@ -486,9 +493,13 @@ def _prepare_splits(encoder, data_config, config, datasets, num_classes,
                          "pass over the data (drop .repeat()).")
 
   if cached:
-    train = extract_features(encoder, train)
+    if verbose:
+      print("features of the training split (frozen encoder):", flush=True)
+    train = extract_features(encoder, train, progress=verbose)
     if validation is not None:
-      validation = extract_features(encoder, validation)
+      if verbose:
+        print("features of the validation split:", flush=True)
+      validation = extract_features(encoder, validation, progress=verbose)
   if num_classes is None:
     if cached:
       labels = [train[1]] + ([validation[1]] if validation is not None else [])
