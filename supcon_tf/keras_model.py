@@ -124,7 +124,8 @@ class SupConModel(keras.Model):
     if self.queue_size and self.memory is None:
       self.memory = memory_lib.KeyMemory(self.queue_size,
                                          self.key_encoder_momentum)
-      dim = self.head.compute_output_shape(representation_shape)[-1]
+      dim = self.head.compute_output_spec(
+          keras.KerasTensor(representation_shape)).shape[-1]
       self.memory.attach(self.encoder, self.head, dim)
 
   def call(self, views, training=None):

@@ -79,9 +79,6 @@ class ProjectionHead(keras.layers.Layer):
     x = self.projection(ops.cast(x, "float32"))
     return ops.normalize(x, axis=-1, order=2, epsilon=1e-12)
 
-  def compute_output_shape(self, input_shape):
-    return tuple(input_shape[:-1]) + (self.output_dim,)
-
   def get_config(self):
     config = super().get_config()
     config.update({
