@@ -28,7 +28,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from supcon_tf import config
+from supcon_tf import config as config_lib
 from supcon_tf import distributed
 
 
@@ -50,7 +50,7 @@ class KeyMemory(keras.layers.Layer):
 
   def __init__(self, size: int, momentum: float = 0.0, **kwargs):
     super().__init__(**kwargs)
-    config.check_queue(size, momentum)
+    config_lib.check_queue(size, momentum)
     if not size:
       raise ValueError("KeyMemory needs size > 0; build none for size 0.")
     self.size = size
