@@ -74,7 +74,7 @@ class CheckpointSaver:
       latest = _listed_checkpoints(directory)
       raise rundir.TrainingError(
           f"Cannot write the checkpoint of step {step} in {directory} "
-          f"({_first_line(e)}); the latest checkpoint is still "
+          f"({rundir.first_line(e)}); the latest checkpoint is still "
           f"{latest[0] if latest else 'none'}, intact. Free space on the "
           "device (or fix it) and run the same command again to resume."
       ) from None
@@ -92,11 +92,6 @@ _DAMAGE_MARKERS = ("checksum", "corrupt", "read less bytes", "truncated",
                    "data loss")
 
 
-def _first_line(error) -> str:
-  text = str(error).strip()
-  return (text.splitlines() or [type(error).__name__])[0][:300]
-
-
 def _checkpoint_prefix(directory: str, step: int) -> str:
   return os.path.join(directory, f"ckpt-{step}")
 
@@ -111,7 +106,7 @@ def _listed_checkpoints(directory: str):
     state = tf.train.get_checkpoint_state(directory)
   except (ValueError, tf.errors.OpError) as e:
     logging.warning("Unreadable checkpoint index in %s (%s).", directory,
-                    _first_line(e))
+                    rundir.first_line(e))
     return []
   if state is None:
     return []
@@ -160,16 +155,16 @@ def restore_newest(directory: str, restore_fn, *, fallback: bool):
     except _RESTORE_ERRORS as e:
       newest_error = newest_error or e
       logging.warning("Cannot restore checkpoint %s (%s)%s", path,
-                      _first_line(e), "; trying the one before it." if (
+                      rundir.first_line(e), "; trying the one before it." if (
                           fallback and path != listed[-1]) else ".")
       continue
     if path != listed[0]:
       # The same model restored an older checkpoint: the newest is damaged.
       logging.warning("Resumed from %s instead of the newest, unreadable "
                       "checkpoint %s (%s).", path, listed[0],
-                      _first_line(newest_error))
+                      rundir.first_line(newest_error))
     return path
-  reason = _first_line(newest_error)
+  reason = rundir.first_line(newest_error)
   if any(m in reason.lower() for m in _DAMAGE_MARKERS):
     if fallback:
       raise rundir.TrainingError(

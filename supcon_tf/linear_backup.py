@@ -188,12 +188,11 @@ def _backup_write(directory: str, epoch: int):
   try:
     yield
   except (OSError, tf.errors.OpError) as e:
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise rundir.TrainingError(
         f"Cannot back up linear evaluation epoch {epoch} in {directory} "
-        f"({reason}); the backup before it is intact. Free space on the "
-        "device (or fix it) and run the same command again to resume."
-    ) from None
+        f"({rundir.first_line(e)}); the backup before it is intact. Free "
+        "space on the device (or fix it) and run the same command again to "
+        "resume.") from None
 
 
 class EpochRecorder(keras.callbacks.Callback):

@@ -210,11 +210,10 @@ def save_classifier(classifier: keras.Model, workdir: str) -> None:
   try:
     rundir.atomic_save(classifier.save, path)
   except (OSError, tf.errors.OpError) as e:
-    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
     raise rundir.TrainingError(
-        f"Cannot write the linear classifier {path} ({reason}); nothing was "
-        "written there. Free space on the device (or fix it) and run the "
-        "same command again.") from None
+        f"Cannot write the linear classifier {path} "
+        f"({rundir.first_line(e)}); nothing was written there. Free space on "
+        "the device (or fix it) and run the same command again.") from None
 
 
 def load_classifier(workdir: str) -> keras.Model:

@@ -74,6 +74,12 @@ def events_dir(workdir: str) -> str:
   return os.path.join(workdir, PRETRAIN_DIR, EVENTS_DIR)
 
 
+def first_line(error: BaseException) -> str:
+  """An error's message as one line, for one-line failure reports."""
+  text = str(error).strip()
+  return (text.splitlines() or [type(error).__name__])[0][:300]
+
+
 def check_writable(workdir: str) -> None:
   """Creates `workdir` if needed; TrainingError if it cannot be written."""
   try:
