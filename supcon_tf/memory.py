@@ -93,6 +93,14 @@ class KeyMemory(keras.layers.Layer):
     return list(zip(self.key_encoder.weights + self.key_head.weights,
                     encoder.weights + head.weights))
 
+  def checkpoint_items(self) -> dict:
+    """Its state for `tf.train.Checkpoint`, under flat names (`queue/`, ...)."""
+    items = dict(queue=self.queue, queue_labels=self.queue_labels,
+                 queue_pointer=self.queue_pointer)
+    if self.key_encoder is not None:
+      items.update(key_encoder=self.key_encoder, key_head=self.key_head)
+    return items
+
   def loss_kwargs(self) -> dict:
     """The queue arguments of `losses.supcon_terms`."""
     return dict(queue_features=tf.convert_to_tensor(self.queue),

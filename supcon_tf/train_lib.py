@@ -228,13 +228,7 @@ class Trainer:
 
   def checkpoint(self, **extra) -> tf.train.Checkpoint:
     if self.memory is not None:
-      # Flat names (queue/, key_encoder/, ...) in the checkpoint.
-      extra.update(queue=self.memory.queue,
-                   queue_labels=self.memory.queue_labels,
-                   queue_pointer=self.memory.queue_pointer)
-      if self.memory.key_encoder is not None:
-        extra.update(key_encoder=self.memory.key_encoder,
-                     key_head=self.memory.key_head)
+      extra.update(self.memory.checkpoint_items())
     return tf.train.Checkpoint(encoder=self.encoder, head=self.head,
                                optimizer=self.optimizer, step=self.step,
                                **extra)

@@ -180,3 +180,8 @@ def write_scalars(event_dir, steps, method="supcon"):
       tf.summary.scalar("images_per_second", 100.0 + step, step=step)
   writer.close()
 
+
+def queue_state(memory):
+  """`(queue, labels, pointer)` of a `memory.KeyMemory`, as NumPy / int."""
+  return (memory.queue.numpy(), memory.queue_labels.numpy(),
+          int(memory.queue_pointer.numpy()))

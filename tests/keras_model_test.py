@@ -128,11 +128,6 @@ def test_fit_step_matches_custom_loop(one_device):
   assert not all(np.allclose(a, b) for a, b in zip(initial, fit_weights))
 
 
-def queue_state(memory):
-  return [memory.queue.numpy(), memory.queue_labels.numpy(),
-          memory.queue_pointer.numpy()]
-
-
 def fit_steps(model, steps):
   """One `fit` call per step, on batches of seeds 0..steps-1; the losses."""
   return [fit_one_step(model, *global_batch(seed)) for seed in range(steps)]
@@ -160,8 +155,8 @@ def test_fit_with_queue_matches_custom_loop(momentum):
   np.testing.assert_allclose(fit_losses, loop_losses, rtol=1e-5)
   assert_weights_close([v.numpy() for v in online],
                        [v.numpy() for v in trainer_online])
-  assert_weights_close(queue_state(model.memory),
-                       queue_state(trainer.memory))
+  assert_weights_close(conftest.queue_state(model.memory),
+                       conftest.queue_state(trainer.memory))
   if momentum:
     assert_weights_close(
         [k.numpy() for k, _ in model.memory.key_pairs(model.encoder,
@@ -185,8 +180,8 @@ def test_queue_is_saved_with_the_model(tmp_path):
   model.save(path)
   restored = keras.saving.load_model(path)
   assert restored.queue_size == 24 and restored.key_encoder_momentum == 0.9
-  assert_weights_close(queue_state(restored.memory),
-                       queue_state(model.memory))
+  assert_weights_close(conftest.queue_state(restored.memory),
+                       conftest.queue_state(model.memory))
   assert_weights_close(weights(restored), weights(model))
   assert int(restored.memory.queue_pointer.numpy()) == (2 * BATCH * VIEWS) % 24
 
@@ -223,7 +218,7 @@ def test_mirrored_fit_with_queue_matches_one_device():
     got = [double.distribute_strategy.experimental_local_results(v.value)[
         replica].numpy() for v in (double.memory.queue,
                                    double.memory.queue_labels)]
-    assert_weights_close(got, queue_state(single.memory)[:2])
+    assert_weights_close(got, conftest.queue_state(single.memory)[:2])
 
 
 @pytest.mark.slow

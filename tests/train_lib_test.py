@@ -395,18 +395,12 @@ def test_batch_not_divisible_by_replicas():
 # Memory queue and key encoder.
 
 
-def queue_state(trainer):
-  memory = trainer.memory
-  return (memory.queue.numpy(), memory.queue_labels.numpy(),
-          int(memory.queue_pointer.numpy()))
-
-
 def test_queue_is_fifo_and_wraps_around():
   keys = GLOBAL_BATCH * VIEWS  # written per step
   trainer = make_trainer(1, tiny_config(queue_size=keys + keys // 2))
   assert np.all(trainer.memory.queue_labels.numpy() == -1)
   train(trainer, 1)
-  first, first_labels, pointer = queue_state(trainer)
+  first, first_labels, pointer = conftest.queue_state(trainer.memory)
   assert pointer == keys
   np.testing.assert_array_equal(first_labels[:keys],
                                 np.repeat(global_batch(0)[1], VIEWS))
@@ -415,7 +409,7 @@ def test_queue_is_fifo_and_wraps_around():
                              rtol=1e-5)
   train_more = make_trainer(1, tiny_config(queue_size=keys + keys // 2))
   train(train_more, 2)
-  second, second_labels, pointer = queue_state(train_more)
+  second, second_labels, pointer = conftest.queue_state(train_more.memory)
   assert pointer == keys // 2
   step1 = np.repeat(global_batch(1)[1], VIEWS)
   # Step 1's keys fill the free half, then wrap onto step 0's oldest rows.
@@ -444,7 +438,7 @@ def test_queue_on_replicas_matches_single_device(momentum):
     for key, online in double.memory.key_pairs(double.encoder, double.head):
       key.assign(online)
   np.testing.assert_allclose(train(double, 3), want, rtol=1e-5, atol=1e-6)
-  queue, labels, pointer = queue_state(single)
+  queue, labels, pointer = conftest.queue_state(single.memory)
   for replica in range(2):  # every replica's copy
     np.testing.assert_allclose(
         double.strategy.experimental_local_results(double.memory.queue.value)[
