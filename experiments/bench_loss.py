@@ -7,7 +7,11 @@ with integer labels:
          port): logits matrix, float masks from tf.equal + cast, log_prob
          matrix, sum over positives; gradient by autodiff.
   ours:  `supcon_tf.supcon_loss` with its automatic path (dense up to
-         `blockwise.AUTO_MIN_LOGITS` logits, blocks above).
+         `blockwise.AUTO_MIN_LOGITS` logits, blocks above; the blocks use
+         the symmetric kernel, as anchors are the contrast tensor).
+  fused: the same with `gather=True` (what training calls): on one device
+         the contrast is a copy of the anchors, so the blocks use the
+         fused kernel.
   floor: one `[rows, dim] x [dim, rows]` matmul and an exp over the result
          (forward only): what any exact method has to pay at least.
 
@@ -30,13 +34,13 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("dense", "ours", "floor")
+VARIANTS = ("dense", "ours", "fused", "floor")
 DIM = 128
 VIEWS = 2
 TEMPERATURE = 0.1
 # float32 [rows, rows] matrices alive at the peak, per variant (measured:
 # dense peaks at 14.1 GiB at 16,384 rows, the floor at 1.1 GiB).
-MATRICES = {"dense": 14, "ours": 0, "floor": 2}
+MATRICES = {"dense": 14, "ours": 0, "fused": 0, "floor": 2}
 
 
 def _available_bytes():
@@ -101,7 +105,8 @@ def run_one(variant, rows, classes, repeats, block_size):
       if variant == "dense":
         return _dense_loss(tf, x, labels)
       return tf.reduce_mean(supcon_tf.supcon_loss(
-          x, labels, temperature=TEMPERATURE, block_size=block_size))
+          x, labels, temperature=TEMPERATURE, block_size=block_size,
+          gather=variant == "fused"))
 
     @tf.function
     def step():
@@ -209,9 +214,10 @@ def _print_tables(results, variants):
 
   print("\nTime, forward + backward (floor: forward), seconds "
         "min / median / max; ratios of medians (of minima)\n")
-  print("| rows | classes | " + " | ".join(variants) +
-        " | ours/dense | ours/floor |")
-  print("|---:|---:|" + "---|" * len(variants) + "---:|---:|")
+  others = [v for v in ("dense", "floor", "fused") if v in variants]
+  print("| rows | classes | " + " | ".join(variants) + "".join(
+      f" | ours/{other}" for other in others) + " |")
+  print("|---:|---:|" + "---|" * len(variants) + "---:|" * len(others))
   for rows, classes in keys:
     cells = []
     for variant in variants:
@@ -223,7 +229,7 @@ def _print_tables(results, variants):
       else:
         cells.append(res.get("error", "-"))
     ratios = []
-    for other in ("dense", "floor"):
+    for other in others:
       ours, theirs = (rows, classes, "ours"), (rows, classes, other)
       ratios.append(f"{ratio(median(ours), median(theirs))} "
                     f"({ratio(fastest(ours), fastest(theirs))})")

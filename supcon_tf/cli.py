@@ -21,7 +21,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import textwrap
 
 from absl import app
@@ -29,6 +28,7 @@ from absl import flags
 from absl import logging
 
 from supcon_tf import config as config_lib
+from supcon_tf import tf_startup
 
 MODES = config_lib.MODES
 # Flag defaults: the CPU-budget recipe, defined once in config.
@@ -343,62 +343,10 @@ def linear_config() -> config_lib.LinearEvalConfig:
       _overrides(prefix=_LINEAR_PREFIX))
 
 
-# What TensorFlow's C++ runtime prints at start-up on a machine without a
-# GPU (absl's pre-init notice, the CUDA driver probes): noise for the user.
-_STARTUP_NOISE = re.compile(
-    r"All log messages before absl::InitializeLog\(\) is called"
-    r"|cudart_stub\.cc:\d+\] Could not find cuda drivers"
-    r"|cuda_platform\.cc:\d+\] failed call to cuInit")
-
-
-def _import_tensorflow():
-  """Imports TensorFlow and finds its devices, without the start-up noise.
-
-  Unless the user set TF_CPP_MIN_LOG_LEVEL (then TensorFlow prints what it
-  prints), INFO lines are switched off (level 1: warnings and errors stay)
-  and the lines of `_STARTUP_NOISE` are dropped from what TensorFlow
-  writes to stderr meanwhile; every other line is passed on.
-
-  Returns:
-    The `tensorflow` module.
-  """
-  # pylint: disable=g-import-not-at-top
-  if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
-    import tensorflow as tf
-    tf.config.list_physical_devices()  # Where the CUDA probe happens.
-    return tf
-  os.environ["TF_CPP_MIN_LOG_LEVEL"] = "1"
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as captured:
-    os.dup2(captured.fileno(), 2)  # C++ writes to fd 2, not sys.stderr.
-    try:
-      import tensorflow as tf
-      tf.config.list_physical_devices()
-    finally:
-      sys.stderr.flush()
-      os.dup2(saved, 2)
-      os.close(saved)
-      captured.seek(0)
-      lines = captured.read().decode(errors="replace").splitlines(True)
-      sys.stderr.write("".join(
-          line for line in lines if not _STARTUP_NOISE.search(line)))
-      sys.stderr.flush()
-  return tf
-
-
 def eval_config() -> config_lib.EvalConfig:
   return config_lib.override(
       config_lib.EvalConfig(robustness=FLAGS.robustness, seed=FLAGS.seed),
       _overrides(prefix=_EVAL_PREFIX))
-
-
-def _split_cpu(devices: int) -> None:
-  tf = _import_tensorflow()
-  if devices > 1:
-    tf.config.set_logical_device_configuration(
-        tf.config.list_physical_devices("CPU")[0],
-        [tf.config.LogicalDeviceConfiguration()] * devices)
 
 
 def _percent(value) -> str:
@@ -458,7 +406,7 @@ def main(argv):
   except (ValueError, OSError) as e:
     _fail(e)
   # Only now TensorFlow (seconds to import): flag errors come at once.
-  _split_cpu(FLAGS.cpu_devices)
+  tf_startup.split_cpu(FLAGS.cpu_devices)
   from supcon_tf import distributed  # pylint: disable=g-import-not-at-top
   from supcon_tf import pipeline
   from supcon_tf import rundir

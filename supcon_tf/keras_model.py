@@ -18,6 +18,8 @@ from supcon_tf import config as config_lib
 from supcon_tf import distributed
 from supcon_tf import losses as losses_lib
 from supcon_tf import memory as memory_lib
+from supcon_tf import models
+from supcon_tf import objectives
 
 # Reductions of a compiled SupConLoss that SupConModel reproduces globally.
 _MEAN_REDUCTIONS = ("sum_over_batch_size", "mean")
@@ -138,30 +140,20 @@ class SupConModel(keras.Model):
     Returns:
       float32 embeddings `[batch, V, dim]` (`V = 1` for rank-4 input).
     """
-    views = _as_views(views)
-    batch, num_views = tf.shape(views)[0], views.shape[1]
-    # Static image dims where known, so the encoder keeps its shapes.
-    image_dims = [d if d is not None else tf.shape(views)[i + 2]
-                  for i, d in enumerate(views.shape[2:])]
-    images = tf.reshape(views, [-1] + image_dims)
-    representation = self.encoder(images, training=training)
-    embeddings = tf.cast(self.head(representation, training=training),
-                         tf.float32)
-    return tf.reshape(embeddings, [batch, num_views, embeddings.shape[-1]])
+    return models.embed_views(self.encoder, self.head, _as_views(views),
+                              training=training)
 
   def train_step(self, data):
     # The custom loop's order: key encoder, step, then enqueue.
     if self.memory is not None:
       self.memory.momentum_update(self.encoder, self.head)
-    with tf.GradientTape() as tape:
+
+    def compute_loss():
       loss, logs, embeddings = self._loss_and_metrics(data, training=True)
-      scaled = self.optimizer.scale_loss(loss)
-    variables = self.trainable_variables
-    gradients = tape.gradient(scaled, variables)
-    if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-      # An overflow on any replica must skip the step on all of them.
-      gradients = distributed.agree_on_finite(gradients)
-    self.optimizer.apply_gradients(zip(gradients, variables))
+      return loss, (logs, embeddings)
+
+    logs, embeddings = objectives.minimize(self.optimizer, compute_loss,
+                                           self.trainable_variables)
     if self.memory is not None:
       x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
       self.memory.enqueue(*self.memory.keys(_as_views(x), y, embeddings))

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from supcon_tf import linear_eval
+from supcon_tf import classifier as classifier_lib
 
 # Test rows per similarity block: the block is [chunk, num_train] floats.
 DEFAULT_CHUNK_SIZE = 256
@@ -32,7 +32,7 @@ def embed(encoder: keras.Model, dataset: tf.data.Dataset
     `(features [n, dim]` float32 with unit rows (all-zero rows stay zero),
     `labels [n]` int32), in dataset order.
   """
-  features, labels = linear_eval.extract_features(encoder, dataset)
+  features, labels = classifier_lib.extract_features(encoder, dataset)
   norms = np.linalg.norm(features, axis=1, keepdims=True)
   return (features / np.maximum(norms, 1e-12)).astype(np.float32), labels
 

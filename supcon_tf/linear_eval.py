@@ -18,7 +18,8 @@ The encoder is frozen: it is never trained and always runs in inference mode
 (batch norm uses, and never updates, its moving statistics). Without
 augmentation its features are computed once per split and only the linear
 layer is fitted on them (`cache_features`), which is much faster than
-pushing images through the encoder every epoch.
+pushing images through the encoder every epoch. The classifier and the
+feature extraction are `supcon_tf.classifier`'s.
 
 With a `workdir`, a killed run resumes: the learning rate in progress from
 its last finished epoch (weights and optimizer, saved after every epoch),
@@ -40,9 +41,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from absl import logging
 import keras
-import numpy as np
 import tensorflow as tf
 
+from supcon_tf import classifier as classifier_lib
 from supcon_tf import config as config_lib
 from supcon_tf import data
 from supcon_tf import linear_backup
@@ -51,140 +52,6 @@ from supcon_tf import rundir
 RESULT_FILE = "linear_eval.json"
 BACKUP_DIR = rundir.LINEAR_BACKUP_DIR
 SELECTED_ON = ("validation", "none")
-
-
-@keras.saving.register_keras_serializable(package="supcon_tf")
-class FrozenEncoder(keras.layers.Layer):
-  """Runs an encoder frozen and in inference mode, whatever the caller says.
-
-  A functional model hands its own `training` flag to every layer it calls,
-  overriding a `training=False` written when the model was built, so
-  `model.fit` would run the encoder's batch norm in training mode. This
-  layer's `call` takes no `training` argument and always calls the encoder
-  with `training=False`. The encoder (and this layer) are set
-  `trainable=False`.
-
-  Args:
-    encoder: a built Keras model `[batch, H, W, C] -> [batch, dim]`; its
-      `trainable` attribute is set to False.
-    **kwargs: base `keras.layers.Layer` arguments (`name`, ...).
-
-  Example:
-
-  ```python
-  frozen = FrozenEncoder(encoder)
-  features = frozen(images)  # == encoder(images, training=False)
-  ```
-  """
-
-  def __init__(self, encoder, **kwargs):
-    super().__init__(**kwargs)
-    encoder.trainable = False
-    self.encoder = encoder
-    self.trainable = False
-
-  def call(self, images):
-    """Encodes images.
-
-    Args:
-      images: `[batch, H, W, C]` float32 in [0, 1].
-
-    Returns:
-      The encoder's representation `[batch, dim]`.
-    """
-    return self.encoder(images, training=False)
-
-  def get_config(self):
-    config = super().get_config()
-    config["encoder"] = keras.saving.serialize_keras_object(self.encoder)
-    return config
-
-  @classmethod
-  def from_config(cls, config):
-    config = dict(config)
-    config["encoder"] = keras.saving.deserialize_keras_object(
-        config["encoder"])
-    return cls(**config)
-
-
-def build_classifier(encoder: keras.Model, num_classes: int, *,
-                     name: str = "linear_classifier") -> keras.Model:
-  """A linear classifier on top of a frozen encoder.
-
-  Only the Dense layer named `"linear"` is trainable
-  (`classifier.get_layer("linear")`); the encoder is wrapped in a
-  `FrozenEncoder` layer named `"frozen_encoder"`, so it is set
-  `trainable=False` and always runs with `training=False`.
-
-  Args:
-    encoder: a built Keras model mapping images `[batch, H, W, 3]` to
-      representations `[batch, dim]`.
-    num_classes: number of classes (>= 1).
-    name: name of the returned model.
-
-  Returns:
-    A `keras.Model` mapping float32 images in [0, 1], `[batch, H, W, 3]`, to
-    float32 logits `[batch, num_classes]`.
-
-  Raises:
-    ValueError: for `num_classes < 1` or an encoder without a known input
-      shape.
-  """
-  if num_classes is None or int(num_classes) < 1:
-    raise ValueError(f"num_classes must be >= 1, got {num_classes!r}.")
-  inputs = keras.Input(shape=_image_shape(encoder), name="images")
-  features = FrozenEncoder(encoder, name="frozen_encoder")(inputs)
-  logits = keras.layers.Dense(int(num_classes), dtype="float32",
-                              name="linear")(features)
-  return keras.Model(inputs, logits, name=name)
-
-
-def _image_shape(encoder: keras.Model) -> Tuple[Optional[int], ...]:
-  try:
-    shape = encoder.input_shape
-  except (AttributeError, ValueError):
-    shape = None
-  if not shape or isinstance(shape, list):
-    raise ValueError(
-        f"Encoder {encoder.name!r} has no single known input shape (got "
-        f"{shape!r}); build it with one image input, e.g. as a functional "
-        "model on keras.Input(shape=(H, W, 3)).")
-  return tuple(shape[1:])
-
-
-def extract_features(encoder: keras.Model, dataset: tf.data.Dataset, *,
-                     progress: bool = False
-                     ) -> Tuple[np.ndarray, np.ndarray]:
-  """The encoder's representation of every example of a dataset.
-
-  Runs the encoder batch by batch in inference mode (`training=False`), so
-  its weights and batch-norm statistics are left as they are.
-
-  Args:
-    encoder: Keras model `[batch, H, W, C] -> [batch, dim]`.
-    dataset: finite dataset of `(images [batch, H, W, C], labels [batch])`.
-    progress: show a progress bar over the batches.
-
-  Returns:
-    `(features [n, dim]` float32, `labels [n]` int32), in dataset order.
-
-  Raises:
-    ValueError: for an empty dataset.
-  """
-  features, labels = [], []
-  batches = int(dataset.cardinality())
-  bar = keras.utils.Progbar(batches if batches >= 0 else None,
-                            verbose=int(progress), unit_name="batch")
-  for images, batch_labels in dataset:
-    # predict_on_batch runs with training=False and reuses the model's
-    # cached predict function across calls.
-    features.append(np.asarray(encoder.predict_on_batch(images), np.float32))
-    labels.append(np.asarray(batch_labels))
-    bar.add(1)
-  if not features:
-    raise ValueError("Cannot extract features of an empty dataset.")
-  return (np.concatenate(features).astype(np.float32),
-          np.concatenate(labels).astype(np.int32))
 
 
 @dataclasses.dataclass
@@ -281,8 +148,8 @@ def linear_eval(encoder: keras.Model,
     verbose: show Keras progress bars and log a summary per learning rate.
 
   Returns:
-    `(classifier, result)`: the `build_classifier` model carrying the chosen
-    weights (images -> logits), and a `LinearEvalResult`.
+    `(classifier, result)`: the `classifier.build_classifier` model carrying
+    the chosen weights (images -> logits), and a `LinearEvalResult`.
 
   Raises:
     ValueError: several learning rates but no validation split, a batch
@@ -300,31 +167,18 @@ def linear_eval(encoder: keras.Model,
                                         datasets, num_classes, cached,
                                         verbose)
   select = splits.validation is not None
-  if not select and len(learning_rates) > 1:
-    raise ValueError(
-        f"learning_rates={learning_rates} can only be chosen on a validation "
-        "split, and there is none (validation_fraction=0 or "
-        "datasets['validation'] is None). Set DataConfig.validation_fraction "
-        "> 0, or give a single learning rate.")
+  _check_selectable(learning_rates, select)
   top5_k = min(5, num_classes)
 
   with strategy.scope():
-    classifier = build_classifier(encoder, num_classes)
+    classifier = classifier_lib.build_classifier(encoder, num_classes)
     dense = classifier.get_layer("linear")
     model = (_on_features(dense, splits.train[0].shape[1]) if cached
              else classifier)
   initial_weights = dense.get_weights()
 
-  backup_root = os.path.join(workdir, BACKUP_DIR) if workdir else None
-  if backup_root:
-    linear_backup.check_run(backup_root, {
-        "config": config_lib.to_dict(config),
-        "data": (config_lib.to_dict(data_config) if datasets is None
-                 else "custom datasets"),
-        "encoder_sha256": linear_backup.fingerprint(encoder),
-        "num_classes": num_classes,
-        "cached_features": cached,
-    })
+  backup_root = _backup_root(workdir, encoder, data_config, config, datasets,
+                             num_classes, cached)
   selection = linear_backup.Selection(learning_rates, select, backup_root)
   steps_per_epoch, validation = _epoch_and_validation(splits, config, cached)
   for index, learning_rate in enumerate(learning_rates):
@@ -347,24 +201,12 @@ def linear_eval(encoder: keras.Model,
                    learning_rate, selection.best)
 
   # The one and only look at the test split.
-  dense.set_weights(selection.best_weights)
-  with strategy.scope():
-    _compile(classifier, None, top5_k)
-  test = classifier.evaluate(splits.test, return_dict=True,
-                             verbose=1 if verbose else 0)
-  result = _result(selection, test, learning_rates, select=select,
-                   num_classes=num_classes, top5_k=top5_k, cached=cached)
-  if verbose:
-    logging.info("Linear eval: lr %g, %d epochs (chosen on %s): test top-1 "
-                 "%.4f, top-%d %.4f.", result.learning_rate, result.epochs,
-                 result.selected_on, result.test_top1, top5_k,
-                 result.test_top5)
+  result = _test_chosen(classifier, dense, selection, splits.test,
+                        learning_rates, strategy=strategy, select=select,
+                        num_classes=num_classes, top5_k=top5_k, cached=cached,
+                        verbose=verbose)
   if workdir:
-    rundir.atomic_write(
-        os.path.join(workdir, RESULT_FILE),
-        json.dumps(dict(result.to_dict(), config=config_lib.to_dict(config)),
-                   indent=2, sort_keys=True))
-    tf.io.gfile.rmtree(backup_root)
+    _write_result(workdir, result, config, backup_root)
   return classifier, result
 
 
@@ -442,6 +284,60 @@ def _fit_learning_rate(model, dense, index, learning_rate, *, strategy,
     tf.io.gfile.rmtree(backup.directory)
 
 
+
+def _check_selectable(learning_rates, select) -> None:
+  """Several learning rates can only be chosen among on a validation split."""
+  if not select and len(learning_rates) > 1:
+    raise ValueError(
+        f"learning_rates={learning_rates} can only be chosen on a validation "
+        "split, and there is none (validation_fraction=0 or "
+        "datasets['validation'] is None). Set DataConfig.validation_fraction "
+        "> 0, or give a single learning rate.")
+
+
+def _backup_root(workdir, encoder, data_config, config, datasets,
+                 num_classes, cached) -> Optional[str]:
+  """The run's backup directory (None without `workdir`), checked to be its."""
+  backup_root = os.path.join(workdir, BACKUP_DIR) if workdir else None
+  if backup_root:
+    linear_backup.check_run(backup_root, {
+        "config": config_lib.to_dict(config),
+        "data": (config_lib.to_dict(data_config) if datasets is None
+                 else "custom datasets"),
+        "encoder_sha256": linear_backup.fingerprint(encoder),
+        "num_classes": num_classes,
+        "cached_features": cached,
+    })
+  return backup_root
+
+
+def _test_chosen(classifier, dense, selection, test_dataset, learning_rates,
+                 *, strategy, select, num_classes, top5_k, cached,
+                 verbose) -> "LinearEvalResult":
+  """Tests the chosen weights on `test_dataset`, once, and gives the result."""
+  dense.set_weights(selection.best_weights)
+  with strategy.scope():
+    _compile(classifier, None, top5_k)
+  test = classifier.evaluate(test_dataset, return_dict=True,
+                             verbose=1 if verbose else 0)
+  result = _result(selection, test, learning_rates, select=select,
+                   num_classes=num_classes, top5_k=top5_k, cached=cached)
+  if verbose:
+    logging.info("Linear eval: lr %g, %d epochs (chosen on %s): test top-1 "
+                 "%.4f, top-%d %.4f.", result.learning_rate, result.epochs,
+                 result.selected_on, result.test_top1, top5_k,
+                 result.test_top5)
+  return result
+
+
+def _write_result(workdir, result, config, backup_root) -> None:
+  """Writes `linear_eval.json`, then removes the backup it supersedes."""
+  rundir.atomic_write(
+      os.path.join(workdir, RESULT_FILE),
+      json.dumps(dict(result.to_dict(), config=config_lib.to_dict(config)),
+                 indent=2, sort_keys=True))
+  tf.io.gfile.rmtree(backup_root)
+
 def _result(selection, test, learning_rates, *, select, num_classes, top5_k,
             cached) -> "LinearEvalResult":
   best = selection.best
@@ -495,11 +391,12 @@ def _prepare_splits(encoder, data_config, config, datasets, num_classes,
   if cached:
     if verbose:
       print("features of the training split (frozen encoder):", flush=True)
-    train = extract_features(encoder, train, progress=verbose)
+    train = classifier_lib.extract_features(encoder, train, progress=verbose)
     if validation is not None:
       if verbose:
         print("features of the validation split:", flush=True)
-      validation = extract_features(encoder, validation, progress=verbose)
+      validation = classifier_lib.extract_features(encoder, validation,
+                                                   progress=verbose)
   if num_classes is None:
     if cached:
       labels = [train[1]] + ([validation[1]] if validation is not None else [])

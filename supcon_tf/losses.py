@@ -1,4 +1,4 @@
-"""The supervised contrastive loss (Khosla et al., NeurIPS 2020) and baselines.
+"""The supervised contrastive loss (Khosla et al., NeurIPS 2020).
 
 One function computes every variant; the variants are arguments. Notation:
 a sample has `views` augmented views; each view fed as an anchor is
@@ -17,6 +17,11 @@ For one anchor `a` with positives `P(a)`, logits `s = <z_a, z_c> / tau`:
 
 and the result is multiplied by `tau` when `scale_by_temperature` (paper
 section 3, keeps gradient magnitudes independent of tau).
+
+`supcon_terms` validates the arguments and computes on whole matrices
+(`supcon_tf.dense`) or in blocks of anchor rows (`supcon_tf.blockwise`);
+`SupConLoss` / `SimCLRLoss` are its Keras losses. The N-pairs baseline is in
+`supcon_tf.npairs`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import tensorflow as tf
 import keras
 
 from supcon_tf import blockwise
+from supcon_tf import dense as dense_lib
 from supcon_tf import distributed
 
 CONTRAST_MODES = ("all", "one")
@@ -166,12 +172,12 @@ def supcon_terms(features, labels=None, *, mask=None, temperature=0.1,
   anchors = features[:, :1] if contrast_mode == "one" else features
 
   def dense():
-    same = _same_sample_or_label(labels, mask, batch, tf.shape(contrast)[0],
+    same = dense_lib.same_sample_or_label(labels, mask, batch, tf.shape(contrast)[0],
                                  offset)
     queue_positive = None
     if queue is not None:
-      queue_positive = _queue_match(labels, offset, batch, queue[1])
-    return _dense_terms(anchors, contrast, same, offset, temperature,
+      queue_positive = dense_lib.queue_match(labels, offset, batch, queue[1])
+    return dense_lib.dense_terms(anchors, contrast, same, offset, temperature,
                         summation, denominator, positives_cap,
                         scale_by_temperature, queue, queue_positive)
 
@@ -229,7 +235,7 @@ def _validate(features, labels, mask, temperature, contrast_mode, summation,
   if labels is not None and mask is not None:
     raise ValueError("Give labels or mask, not both.")
   if labels is not None:
-    labels = _validate_labels(tf.convert_to_tensor(labels), batch,
+    labels = validate_labels(tf.convert_to_tensor(labels), batch,
                               features.shape)
   if mask is not None:
     mask = tf.convert_to_tensor(mask)
@@ -292,15 +298,6 @@ def _validate_queue(queue_features, queue_labels, labels, mask,
           tf.cast(queue_labels, tf.int32))
 
 
-def _queue_match(labels, offset, batch, queue_labels):
-  """`[batch, K]` bool: queue rows with the local sample's label."""
-  if labels is None:
-    return tf.zeros([batch, tf.shape(queue_labels)[0]], tf.bool)
-  local = labels[offset:offset + batch]
-  return tf.equal(local[:, None], queue_labels[None, :]) & (
-      queue_labels >= 0)[None, :]
-
-
 def _validate_block_size(block_size, labels, mask):
   if block_size is not None and (
       isinstance(block_size, bool) or
@@ -327,7 +324,7 @@ def _validate_options(temperature, contrast_mode, summation, denominator):
     raise ValueError(f"temperature must be > 0, got {temperature!r}.")
 
 
-def _validate_labels(labels, batch, features_shape):
+def validate_labels(labels, batch, features_shape):
   """Returns int32 `[batch]` class ids or bool `[batch, classes]` multi-hot."""
   if labels.shape.rank == 2 and labels.shape[1] == 1:
     labels = tf.squeeze(labels, 1)
@@ -361,181 +358,6 @@ def _check(condition, message, value):
       raise ValueError(f"{message} Received: {np.asarray(value).tolist()}")
   else:
     tf.debugging.Assert(condition, [message, value], summarize=32)
-
-
-def _same_sample_or_label(labels, mask, batch, global_batch, offset):
-  """`[batch, global_batch]` bool: positive candidates at the sample level.
-
-  Includes each sample's own column (offset + row): its other views are
-  always positives.
-  """
-  own = tf.one_hot(offset + tf.range(batch), global_batch, on_value=True,
-                   off_value=False)
-  if mask is not None:
-    return mask | own
-  if labels is None:
-    return own
-  local = labels[offset:offset + batch]
-  if labels.dtype == tf.bool:
-    shared = tf.matmul(tf.cast(local, tf.float32), tf.cast(labels, tf.float32),
-                       transpose_b=True)
-    return (shared > 0) | own
-  return tf.equal(local[:, None], labels[None, :])
-
-
-def _capped(same, own, positives_cap, views):
-  """Keeps the first `positives_cap // views` other samples per row."""
-  others = same & ~own
-  rank = tf.cumsum(tf.cast(others, tf.int32), axis=1)
-  return own | (others & (rank <= positives_cap // views))
-
-
-def _masked_logsumexp(x, keep, axis=-1):
-  """log(sum(exp(x)) over `keep`) and whether anything was kept.
-
-  Never produces inf or NaN, in value or gradient: empty rows give 0.
-  """
-  row_max = tf.stop_gradient(
-      tf.reduce_max(tf.where(keep, x, x.dtype.min), axis, keepdims=True))
-  exp = tf.where(keep, tf.exp(tf.where(keep, x, row_max) - row_max), 0.0)
-  total = tf.reduce_sum(exp, axis, keepdims=True)
-  nonempty = total > 0
-  return (tf.math.log(tf.where(nonempty, total, 1.0)) +
-          tf.where(nonempty, row_max, 0.0)), nonempty
-
-
-def _dense_terms(anchors, contrast, same, offset, temperature, summation,
-                 denominator, positives_cap, scale_by_temperature,
-                 queue=None, queue_positive=None):
-  """The loss with `[anchor_rows, contrast_rows]` matrices.
-
-  Args:
-    anchors: `[batch, anchor_views, dim]` float32.
-    contrast: `[global_batch, views, dim]` float32.
-    same: `[batch, global_batch]` bool positive candidates (incl. own).
-    offset: scalar int32, global row of local sample 0.
-    queue: None or `(features [K, dim], labels [K])`, extra columns.
-    queue_positive: `[batch, K]` bool, queue rows with the sample's label.
-  """
-  batch, anchor_views = tf.shape(anchors)[0], anchors.shape[1]
-  global_batch, views = tf.shape(contrast)[0], contrast.shape[1]
-  own = tf.one_hot(offset + tf.range(batch), global_batch, on_value=True,
-                   off_value=False)
-  positive = same
-  if positives_cap is not None:
-    positive = _capped(same, own, positives_cap, views)
-
-  def tile(sample_mask):  # [batch, global] -> [batch*Va, global*V]
-    tiled = tf.broadcast_to(sample_mask[:, None, :, None],
-                            [batch, anchor_views, global_batch, views])
-    return tf.reshape(tiled, [batch * anchor_views, global_batch * views])
-
-  self_view = tf.reshape(
-      own[:, None, :, None] & tf.eye(anchor_views, views, dtype=tf.bool)[
-          None, :, None, :], [batch * anchor_views, global_batch * views])
-  kept_others = tf.reduce_sum(tf.cast(positive & ~own, tf.int32), 1)
-  positive = tile(positive) & ~self_view
-  negative = tile(~same)
-  columns = tf.reshape(contrast, [-1, contrast.shape[2]])
-  if queue is not None:
-    # Queue rows are one-view columns after the batch's.
-    queue_negative = ~queue_positive & (queue[1] >= 0)[None, :]
-    if positives_cap is not None:  # the batch's kept positives count first
-      left = positives_cap - views * kept_others
-      rank = tf.cumsum(tf.cast(queue_positive, tf.int32), axis=1)
-      queue_positive &= rank <= left[:, None]
-
-    def tile_queue(sample_mask):  # [batch, K] -> [batch*Va, K]
-      return tf.reshape(tf.repeat(sample_mask[:, None], anchor_views, 1),
-                        [batch * anchor_views, -1])
-
-    positive = tf.concat([positive, tile_queue(queue_positive)], 1)
-    negative = tf.concat([negative, tile_queue(queue_negative)], 1)
-    columns = tf.concat([columns, queue[0]], 0)
-
-  temperature = tf.cast(temperature, tf.float32)
-  logits = tf.matmul(tf.reshape(anchors, [-1, anchors.shape[2]]), columns,
-                     transpose_b=True) / temperature
-  num_positives = tf.reduce_sum(tf.cast(positive, tf.float32), 1,
-                                keepdims=True)
-  valid = num_positives > 0
-  if denominator == "all":
-    log_denominator, _ = _masked_logsumexp(logits, positive | negative)
-  else:
-    log_negatives, has_negative = _masked_logsumexp(logits, negative)
-    if denominator == "one_positive":
-      log_denominator = tf.where(
-          has_negative, tf.math.reduce_logsumexp(
-              tf.stack([logits, tf.broadcast_to(log_negatives,
-                                                tf.shape(logits))]), 0),
-          logits)
-    else:
-      log_denominator = log_negatives
-      valid &= has_negative
-  log_prob = logits - log_denominator
-  if summation == "out":
-    row_loss = -tf.reduce_sum(tf.where(positive, log_prob, 0.0), 1,
-                              keepdims=True) / tf.maximum(num_positives, 1.0)
-  else:
-    log_sum, _ = _masked_logsumexp(log_prob, positive)
-    row_loss = tf.math.log(tf.maximum(num_positives, 1.0)) - log_sum
-  row_loss = tf.where(valid, row_loss, 0.0)
-  if scale_by_temperature:
-    row_loss *= temperature
-  row_loss = tf.reshape(row_loss, [batch, anchor_views])
-  valid_views = tf.reduce_sum(
-      tf.cast(tf.reshape(valid, [batch, anchor_views]), tf.float32), 1)
-  loss = tf.reduce_sum(row_loss, 1) / tf.maximum(valid_views, 1.0)
-  return loss, valid_views > 0
-
-
-def npairs_loss(features, labels, *, temperature=1.0, gather=False):
-  """The multi-class N-pairs loss used by the original SupCon Keras notebook.
-
-  One view per sample; the similarity matrix keeps its diagonal, so each
-  sample is its own positive and appears in its own denominator (this is
-  the formulation of `tfa.losses.npairs_loss` applied to
-  `features @ features.T / temperature`, as in the keras.io example). Kept
-  as a baseline to measure against `supcon_loss`.
-
-  Args:
-    features: `[batch, dim]` (or `[batch, 1, dim]`) embeddings, expected
-      L2-normalised; computed in float32.
-    labels: `[batch]` integer class ids.
-    temperature: softmax temperature > 0.
-    gather: inside a `tf.distribute` replica context, contrast the local
-      rows against the global batch gathered from all replicas (gradients
-      flow back through the gather), so each row's loss is its row of the
-      global batch's loss. A no-op on one replica.
-
-  Returns:
-    `[batch]` float32 softmax cross-entropy of each row against the uniform
-    distribution over the samples sharing its label (itself included), over
-    the local batch or, with `gather`, the global one.
-  """
-  features = tf.convert_to_tensor(features)
-  if features.shape.rank == 3 and features.shape[1] == 1:
-    features = features[:, 0]
-  if features.shape.rank != 2:
-    raise ValueError("npairs_loss takes features [batch, dim] or "
-                     f"[batch, 1, dim]; got shape {features.shape}.")
-  if not temperature > 0:
-    raise ValueError(f"temperature must be > 0, got {temperature!r}.")
-  labels = _validate_labels(tf.convert_to_tensor(labels), features.shape[0],
-                            features.shape)
-  if labels.dtype == tf.bool:
-    raise ValueError("npairs_loss takes [batch] class ids, not multi-hot.")
-  features = tf.cast(features, tf.float32)
-  contrast, contrast_labels = features, labels
-  if gather:
-    contrast = tf.ensure_shape(distributed.all_gather(features),
-                               [None, features.shape[-1]])
-    contrast_labels = distributed.all_gather(labels)
-  logits = tf.matmul(features, contrast, transpose_b=True) / temperature
-  targets = tf.cast(tf.equal(labels[:, None], contrast_labels[None, :]),
-                    tf.float32)
-  targets /= tf.reduce_sum(targets, 1, keepdims=True)
-  return tf.nn.softmax_cross_entropy_with_logits(targets, logits)
 
 
 def _masked(losses, valid):
@@ -607,20 +429,3 @@ class SimCLRLoss(SupConLoss):
   def call(self, y_true, y_pred):
     del y_true
     return _masked(*supcon_terms(y_pred, None, **self.options()))
-
-
-@keras.saving.register_keras_serializable(package="supcon_tf")
-class NPairsLoss(keras.losses.Loss):
-  """Keras wrapper of `npairs_loss`: `y_true` ids `[batch]`, `y_pred`
-  `[batch, dim]` or `[batch, 1, dim]`."""
-
-  def __init__(self, temperature=1.0, reduction="sum_over_batch_size",
-               name="npairs_loss", dtype=None):
-    super().__init__(name=name, reduction=reduction, dtype=dtype)
-    self.temperature = temperature
-
-  def call(self, y_true, y_pred):
-    return npairs_loss(y_pred, y_true, temperature=self.temperature)
-
-  def get_config(self):
-    return {**super().get_config(), "temperature": self.temperature}

@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from supcon_tf import config as config_lib
 from supcon_tf import distributed
+from supcon_tf import models
 
 
 @keras.saving.register_keras_serializable(package="supcon_tf")
@@ -147,9 +148,8 @@ class KeyMemory(keras.layers.Layer):
     """
     num_views = views.shape[1]
     if self.key_encoder is not None:
-      images = tf.reshape(views, tf.concat([[-1], tf.shape(views)[2:]], 0))
-      embeddings = self.key_head(self.key_encoder(images, training=True),
-                                 training=True)
+      embeddings = models.embed_views(self.key_encoder, self.key_head, views,
+                                      training=True)
     keys = tf.reshape(tf.cast(tf.stop_gradient(embeddings), tf.float32),
                       [-1, self.queue.shape[1]])
     if labels is None:

@@ -12,9 +12,9 @@ import tensorflow as tf
 from supcon_tf import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import models
+from supcon_tf import objectives
 from supcon_tf import precision
 from supcon_tf import rundir
-from supcon_tf import train_lib
 
 
 def restore_encoder(workdir: str, config: config_lib.TrainConfig,
@@ -63,7 +63,7 @@ def _restore(workdir, config, input_shape, num_classes=None) -> keras.Model:
                                    num_replicas=1)
     parts = {"encoder": encoder}
     if num_classes is not None:
-      parts["head"] = train_lib.ce_head(num_classes)
+      parts["head"] = objectives.ce_head(num_classes)
       parts["head"].build(encoder.output_shape)
   finally:
     keras.mixed_precision.set_global_policy(previous_policy)

@@ -8,7 +8,8 @@ equals the single-device gradient of the global batch.
 
 Methods: `supcon`, `simclr`, `npairs` (baseline; one view, also contrasted
 against the gathered global batch) and `ce` (encoder + linear head,
-cross-entropy), all on the same loop so that they compare on identical code.
+cross-entropy), all on the same loop so that they compare on identical code;
+`supcon_tf.objectives` says what each one computes.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from supcon_tf import checkpoints
 from supcon_tf import config as config_lib
 from supcon_tf import data
 from supcon_tf import distributed
-from supcon_tf import losses
 from supcon_tf import memory as memory_lib
 from supcon_tf import models
+from supcon_tf import objectives
 from supcon_tf import optimizers
 from supcon_tf import precision
 from supcon_tf import rundir
@@ -41,11 +42,6 @@ class TrainResult:
   loss: float
   images_per_second: float
   workdir: str
-
-
-def ce_head(num_classes: int) -> keras.layers.Dense:
-  """Cross-entropy's softmax layer (float32 logits), as trained and restored."""
-  return keras.layers.Dense(num_classes, dtype="float32", name="classifier")
 
 
 class Trainer:
@@ -71,6 +67,7 @@ class Trainer:
                encoder: Optional[keras.Model] = None):
     check_jit_compile(config.jit_compile, strategy)
     self.config = config
+    self.objective = objectives.get(config.method)
     self.strategy = strategy
     self.num_classes = num_classes
     self.steps_per_epoch = steps_per_epoch
@@ -82,10 +79,7 @@ class Trainer:
         self.encoder = encoder or models.build_encoder(
             config.model, input_shape=tuple(input_shape),
             num_replicas=strategy.num_replicas_in_sync)
-        if config.method == "ce":
-          self.head = ce_head(num_classes)
-        else:
-          self.head = models.build_head(config.model)
+        self.head = self.objective.build_head(config.model, num_classes)
         self.head.build(self.encoder.output_shape)
         optimizer = optimizers.build_optimizer(
             config.optimizer, global_batch_size=config.batch_size,
@@ -110,9 +104,7 @@ class Trainer:
 
   @property
   def metric_names(self):
-    if self.config.method == "ce":
-      return ("loss", "accuracy")
-    return ("loss", "positives", "nn_top1")
+    return self.objective.metric_names
 
   @property
   def trainable_variables(self):
@@ -130,49 +122,18 @@ class Trainer:
       labels: `[batch]` int.
 
     Returns:
-      dict of scalars: `loss` (this replica's share: its local sum divided
-      by the global count, so replica shares add up to the global mean),
-      `positives` and `nn_top1` (this replica's mean health metrics).
+      dict of scalars, `metric_names`: `loss` (this replica's share: its
+      local sum divided by the global count, so replica shares add up to
+      the global mean) and this replica's mean health metrics.
     """
-    method = self.config.method
-    if method in ("ce", "npairs"):
-      views = views[:, :1]
-    batch, num_views = tf.shape(views)[0], views.shape[1]
-    images = tf.reshape(views, tf.concat([[-1], tf.shape(views)[2:]], 0))
-    representation = self.encoder(images, training=training)
-    outputs = tf.cast(self.head(representation, training=training),
-                      tf.float32)
-    if method == "ce":
-      # CPU kernels reject out-of-range labels but GPU ones return NaN, which
-      # would surface as a "non-finite loss" with the cause hidden.
-      in_range = tf.reduce_all((labels >= 0) & (labels < self.num_classes))
-      check = tf.debugging.Assert(in_range, [
-          f"method='ce' needs labels in [0, num_classes={self.num_classes}); "
-          "got labels:", labels], summarize=16)
-      with tf.control_dependencies([check]):
-        labels = tf.identity(labels)
-      per_sample = keras.losses.sparse_categorical_crossentropy(
-          labels, outputs, from_logits=True)
-      valid = tf.ones_like(per_sample, tf.bool)
-      metrics = {"accuracy": tf.reduce_mean(tf.cast(
-          tf.equal(tf.argmax(outputs, -1, output_type=labels.dtype), labels),
-          tf.float32))}
-    else:
-      embeddings = tf.reshape(outputs, [batch, num_views, outputs.shape[-1]])
-      if method == "npairs":
-        per_sample = losses.npairs_loss(
-            embeddings, labels, temperature=self.config.loss.temperature,
-            gather=True)
-        valid = tf.ones_like(per_sample, tf.bool)
-      else:
-        per_sample, valid = losses.supcon_terms(
-            embeddings, labels if method == "supcon" else None, gather=True,
-            **dataclasses.asdict(self.config.loss),
-            **(self.memory.loss_kwargs() if self.memory else {}))
-      metrics = contrastive_health(embeddings, labels,
-                                   supervised=method != "simclr")
-      if self.memory is not None and training:  # popped by _replica_step
-        metrics["_keys"] = embeddings
+    views = views[:, :self.objective.num_views(views.shape[1])]
+    embeddings = models.embed_views(self.encoder, self.head, views,
+                                    training=training)
+    per_sample, valid, metrics = self.objective.terms(
+        embeddings, labels, loss_config=self.config.loss,
+        num_classes=self.num_classes, memory=self.memory)
+    if self.memory is not None and training:  # popped by _replica_step
+      metrics["_keys"] = embeddings
     count = distributed.all_reduce_sum(
         tf.reduce_sum(tf.cast(valid, tf.float32)))
     loss = tf.reduce_sum(per_sample) / tf.maximum(count, 1.0)
@@ -180,17 +141,13 @@ class Trainer:
 
   def _replica_step(self, views, labels):
     with distributed.replica_device_scope(self.strategy):
-      with tf.GradientTape() as tape:
+
+      def compute_loss():
         results = self.loss_terms(views, labels, training=True)
-        loss = results["loss"]
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-          loss = self.optimizer.scale_loss(loss)
-      variables = self.trainable_variables
-      grads = tape.gradient(loss, variables)
-      if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-        # An overflow on any replica must skip the step on all of them.
-        grads = distributed.agree_on_finite(grads)
-      self.optimizer.apply_gradients(zip(grads, variables))
+        return results["loss"], results
+
+      results = objectives.minimize(self.optimizer, compute_loss,
+                                    self.trainable_variables)
       if "_keys" in results:
         results["_keys"] = self.memory.keys(views, labels, results["_keys"])
     # Health metrics are per-replica means: weight them to average later.
@@ -232,39 +189,6 @@ class Trainer:
     return tf.train.Checkpoint(encoder=self.encoder, head=self.head,
                                optimizer=self.optimizer, step=self.step,
                                **extra)
-
-
-def contrastive_health(embeddings, labels, supervised=True):
-  """Cheap signals that contrastive training is working (local batch).
-
-  Args:
-    embeddings: `[batch, views, dim]` float32, L2-normalised.
-    labels: `[batch]` int.
-    supervised: positives share labels (else: other views of the sample).
-
-  Returns:
-    `positives`: mean positives per anchor (views of the same sample and,
-    if supervised, same-label samples, within the batch);
-    `nn_top1`: share of first-view anchors whose nearest other embedding is
-    a positive.
-  """
-  batch, views = tf.shape(embeddings)[0], embeddings.shape[1]
-  sample_of_row = tf.repeat(tf.range(batch), views)
-  ids = tf.gather(labels, sample_of_row) if supervised else sample_of_row
-  anchor_ids = labels if supervised else tf.range(batch)
-  rows = tf.reshape(embeddings, [batch * views, -1])
-  similarity = tf.matmul(embeddings[:, 0], rows, transpose_b=True)
-  self_column = tf.one_hot(tf.range(batch) * views, batch * views,
-                           on_value=True, off_value=False)
-  similarity = tf.where(self_column, similarity.dtype.min, similarity)
-  nearest = tf.argmax(similarity, axis=1, output_type=tf.int32)
-  same = tf.equal(anchor_ids[:, None], ids[None, :])
-  return {
-      "positives": tf.reduce_mean(tf.reduce_sum(
-          tf.cast(same & ~self_column, tf.float32), 1)),
-      "nn_top1": tf.reduce_mean(tf.cast(
-          tf.equal(tf.gather(ids, nearest), anchor_ids), tf.float32)),
-  }
 
 
 def total_steps(config: config_lib.TrainConfig, steps_per_epoch: int) -> int:
@@ -412,7 +336,7 @@ def _input(config: config_lib.TrainConfig, dataset_fn: Optional[Callable]):
   """
   if dataset_fn is None:
     info = data.dataset_info(config.data)
-    views = 1 if config.method in ("ce", "npairs") else config.data.num_views
+    views = objectives.get(config.method).num_views(config.data.num_views)
 
     def pipeline_fn(context, skip_batches):
       return data.pretrain_dataset(

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import conftest
 from supcon_tf import blockwise
+from supcon_tf import blockwise_symmetric
 from supcon_tf import losses
 
 TOL = 1e-5
@@ -127,7 +128,7 @@ def test_symmetric_sweeps(n):
     total = tf.reduce_sum(want * weights)
   want_grad = tape.gradient(total, x).numpy() / 3.0
   for block in (1, 2, 3, 4, 5, 64):
-    sweeps = blockwise._SymmetricSweeps(x, 3.0, block)
+    sweeps = blockwise_symmetric.SymmetricSweeps(x, 3.0, block)
     np.testing.assert_allclose(sweeps.logsumexp(), want, rtol=TOL)
     np.testing.assert_allclose(sweeps.gradient(weights), want_grad,
                                rtol=TOL, atol=TOL * np.abs(want_grad).max(),

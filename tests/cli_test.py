@@ -12,6 +12,7 @@ from absl import logging
 import pytest
 
 from supcon_tf import cli
+from supcon_tf import tf_startup
 
 # Not resolve(): under Bazel the flagfiles are runfiles beside this file.
 EXPERIMENTS = pathlib.Path(__file__).absolute().parent.parent / "experiments"
@@ -159,6 +160,7 @@ def test_flags_are_parsed_and_checked_without_tensorflow(tmp_path):
   code = f"""
 import sys
 from supcon_tf import cli
+from supcon_tf import tf_startup
 cli.FLAGS(["supcon-tf", "--workdir={tmp_path}", "--steps=30"])
 cli.train_config(), cli.linear_config(), cli.data_config()
 cli.FLAGS.unparse_flags()
@@ -184,8 +186,8 @@ def test_startup_noise_is_dropped_and_other_lines_kept():
   env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
   code = """
 import sys
-from supcon_tf import cli
-tf = cli._import_tensorflow()
+from supcon_tf import tf_startup
+tf = tf_startup.import_tensorflow()
 assert tf.constant(2) + 2 == 4
 print("after import", file=sys.stderr)
 """
@@ -203,7 +205,7 @@ print("after import", file=sys.stderr)
            "INTERNAL: CUDA error\n")
   real = "W0000 00:00:1.2 3 cache_dataset_ops.cc:912] The calling iterator\n"
   assert [l for l in (noise + real).splitlines(True)
-          if not cli._STARTUP_NOISE.search(l)] == [real]
+          if not tf_startup.STARTUP_NOISE.search(l)] == [real]
 
 
 def _our_flags():

@@ -10,11 +10,11 @@ import pytest
 import tensorflow as tf
 
 import conftest
+from supcon_tf import classifier as classifier_lib
 from supcon_tf import config as config_lib
 from supcon_tf import data
 from supcon_tf import evaluation
 from supcon_tf import knn
-from supcon_tf import linear_eval
 from supcon_tf import models
 from supcon_tf import robustness as robustness_lib
 
@@ -33,7 +33,7 @@ def test_evaluate_workdir_end_to_end(tmp_path):
   with open(workdir / "pretrain" / "config.json", "w") as f:
     json.dump({"method": "supcon"}, f)
   encoder = models.resnet(18, width=0.0625, input_shape=(IMAGE, IMAGE, 3))
-  classifier = linear_eval.build_classifier(encoder, 10)
+  classifier = classifier_lib.build_classifier(encoder, 10)
   data_config = config_lib.DataConfig(dataset="cifar10", image_size=IMAGE,
                                       validation_fraction=0.25)
   with mock_cifar10(tmp_path):

@@ -84,44 +84,6 @@ def accuracy(classifier, images, labels):
   return float(np.mean(np.argmax(logits, axis=1) == labels))
 
 
-def test_build_classifier_freezes_encoder():
-  encoder = tiny_encoder()
-  classifier = linear_eval.build_classifier(encoder, 3)
-  images, labels = colour_data(8, 3, 0)
-  logits = classifier(images, training=True)
-  assert logits.shape == (8, 3) and logits.dtype == "float32"
-  dense = classifier.get_layer("linear")
-  assert not encoder.trainable
-  assert [id(v) for v in classifier.trainable_weights] == [
-      id(v) for v in dense.trainable_weights]
-  # training=True reaches the classifier, not the encoder's batch norm.
-  np.testing.assert_array_equal(
-      logits, classifier(images, training=False))
-  before = snapshot(encoder)
-  classifier.compile(keras.optimizers.SGD(0.5),
-                     keras.losses.SparseCategoricalCrossentropy(
-                         from_logits=True))
-  kernel = dense.kernel.numpy().copy()
-  classifier.train_on_batch(images, labels)
-  assert_unchanged(before, encoder)
-  assert not np.array_equal(kernel, dense.kernel.numpy())
-
-
-def test_classifier_save_load_round_trip(tmp_path):
-  classifier = linear_eval.build_classifier(tiny_encoder(), 3)
-  images, _ = colour_data(4, 3, 0)
-  path = str(tmp_path / "classifier.keras")
-  classifier.save(path)
-  restored = keras.models.load_model(path)
-  np.testing.assert_allclose(restored(images), classifier(images),
-                             rtol=1e-5, atol=1e-6)
-
-
-def test_build_classifier_rejects_bad_class_count():
-  with pytest.raises(ValueError, match="num_classes"):
-    linear_eval.build_classifier(tiny_encoder(), 0)
-
-
 def test_cached_features_accurate_untouched_and_written(tmp_path):
   encoder = tiny_encoder()
   before = snapshot(encoder)

@@ -14,6 +14,7 @@ import tensorflow as tf
 
 import conftest
 from supcon_tf import losses
+from supcon_tf import npairs as npairs_lib
 
 LN3 = math.log(3.0)
 
@@ -546,7 +547,7 @@ def test_npairs_bad_input_raises_value_error(kwargs, expected):
   args = dict(features=np.zeros((4, 3), np.float32), labels=np.zeros(4))
   args.update(kwargs)
   with pytest.raises(ValueError) as error:
-    losses.npairs_loss(args.pop("features"), args.pop("labels"), **args)
+    npairs_lib.npairs_loss(args.pop("features"), args.pop("labels"), **args)
   assert expected in str(error.value)
 
 
@@ -637,7 +638,7 @@ SUPCON_CONFIG = dict(temperature=0.3, contrast_mode="one", summation="in",
     (losses.SupConLoss, SUPCON_CONFIG),
     (losses.SimCLRLoss, dict(temperature=0.7, summation="in",
                              reduction="none", name="sim")),
-    (losses.NPairsLoss, dict(temperature=0.4, reduction="sum", name="np")),
+    (npairs_lib.NPairsLoss, dict(temperature=0.4, reduction="sum", name="np")),
 ])
 def test_config_round_trip(cls, kwargs):
   loss = cls(**kwargs)
@@ -673,9 +674,9 @@ def test_simclr_loss_ignores_y_true():
 def test_npairs_keras_loss_is_mean_of_function(shape):
   _, features, labels = _keras_inputs(views=1)
   features = features.reshape(shape)
-  want = np.mean(_np(losses.npairs_loss(features, labels, temperature=0.5)))
+  want = np.mean(_np(npairs_lib.npairs_loss(features, labels, temperature=0.5)))
   np.testing.assert_allclose(
-      float(losses.NPairsLoss(temperature=0.5)(labels, features)), want,
+      float(npairs_lib.NPairsLoss(temperature=0.5)(labels, features)), want,
       rtol=1e-6)
 
 
@@ -705,13 +706,13 @@ def test_npairs_matches_reference(seed, batch, temperature):
   rng = np.random.default_rng(seed)
   features = _normalised(rng, (batch, 6))
   labels = rng.integers(0, 3, batch)
-  got = losses.npairs_loss(features, labels, temperature=temperature)
+  got = npairs_lib.npairs_loss(features, labels, temperature=temperature)
   assert got.dtype == tf.float32
   np.testing.assert_allclose(
       _np(got), reference_npairs(features, labels, temperature), rtol=1e-5,
       atol=1e-6)
   np.testing.assert_allclose(
-      _np(losses.npairs_loss(features[:, None], labels,
+      _np(npairs_lib.npairs_loss(features[:, None], labels,
                              temperature=temperature)), _np(got), rtol=1e-6)
 
 
@@ -735,7 +736,7 @@ def test_npairs_gather_gives_the_global_batch_gradient():
   def loss_of(x, y):
     # A weight shared by all rows, as in a model: its gradient sums rows.
     z = tf.math.l2_normalize(tf.matmul(x, weight), axis=-1)
-    per_sample = losses.npairs_loss(z, y, temperature=0.5, gather=True)
+    per_sample = npairs_lib.npairs_loss(z, y, temperature=0.5, gather=True)
     return tf.reduce_sum(per_sample) / batch
 
   @tf.function
@@ -753,7 +754,7 @@ def test_npairs_gather_gives_the_global_batch_gradient():
   one = tf.Variable(kernel)
   with tf.GradientTape() as tape:
     z = tf.math.l2_normalize(tf.matmul(tf.constant(features), one), axis=-1)
-    want = tf.reduce_mean(losses.npairs_loss(z, labels, temperature=0.5))
+    want = tf.reduce_mean(npairs_lib.npairs_loss(z, labels, temperature=0.5))
   np.testing.assert_allclose(total, float(want), rtol=1e-5)
   np.testing.assert_allclose(grad, tape.gradient(want, one).numpy(),
                              rtol=1e-4, atol=1e-6)
@@ -763,7 +764,7 @@ def test_npairs_differs_from_supcon_with_one_view():
   rng = np.random.default_rng(20)
   features = _normalised(rng, (8, 6))
   labels = np.array([0, 0, 1, 1, 2, 2, 3, 3])
-  npairs = _np(losses.npairs_loss(features, labels))
+  npairs = _np(npairs_lib.npairs_loss(features, labels))
   supcon = _np(losses.supcon_loss(features[:, None], labels, temperature=1.0))
   assert np.all(np.isfinite(npairs))
   assert np.abs(npairs - supcon).max() > 1e-2

@@ -9,6 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from supcon_tf import config as config_lib
 from supcon_tf import models
@@ -332,6 +333,21 @@ def test_keras_save_reload_round_trip(tmp_path):
   np.testing.assert_array_equal(got, expected)
   assert got.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-6)
+
+
+def test_embed_views_puts_every_view_through_one_batch():
+  encoder = models.resnet(18, width=TINY, input_shape=(16, 16, 3))
+  head = models.ProjectionHead(kind="linear", output_dim=8)
+  views = tf.constant(_images(6, 16, seed=6).reshape(3, 2, 16, 16, 3))
+  got = models.embed_views(encoder, head, views, training=True)
+  assert got.shape == (3, 2, 8) and got.dtype == tf.float32
+  # Training-mode batch norm normalises over all six images at once.
+  images = tf.reshape(views, [6, 16, 16, 3])
+  want = head(encoder(images, training=True), training=True)
+  np.testing.assert_allclose(got, tf.reshape(want, [3, 2, 8]), rtol=1e-5,
+                             atol=1e-6)
+  per_view = head(encoder(views[:, 0], training=True), training=True)
+  assert np.abs(got[:, 0] - per_view).max() > 1e-3
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import keras  # pylint: disable=g-import-not-at-top
 import numpy as np
 import tensorflow as tf
 
+from supcon_tf import classifier as classifier_lib
 from supcon_tf import config as config_lib
 from supcon_tf import export
 from supcon_tf import linear_backup
@@ -171,7 +172,7 @@ def run_linear(workdir, sleep):
 
 def export_model(base, die_in_export):
   encoder = tiny_encoder()
-  classifier = linear_eval.build_classifier(encoder, CLASSES)
+  classifier = classifier_lib.build_classifier(encoder, CLASSES)
   if die_in_export:
     real_write = export._write_saved_model
 

@@ -64,6 +64,7 @@ import tensorflow as tf
 import conftest  # pylint: disable=unused-import
 import reliability_driver as driver
 from supcon_tf import checkpoints
+from supcon_tf import classifier as classifier_lib
 from supcon_tf import config as config_lib
 from supcon_tf import export
 from supcon_tf import linear_eval
@@ -346,8 +347,8 @@ def test_export_killed_before_publishing_keeps_previous_version(tmp_path):
   # that publishes it: the latest instant a kill can come.
   killed = start_driver(tmp_path, "killed", "export", str(base),
                         "--die_in_export")
-  classifier = linear_eval.build_classifier(driver.tiny_encoder(),
-                                            driver.CLASSES)
+  classifier = classifier_lib.build_classifier(driver.tiny_encoder(),
+                                               driver.CLASSES)
   first = export.export_classifier(classifier, str(base), image_size=8)
   images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), np.uint8)
   before = _serve(first, images)
@@ -1009,7 +1010,7 @@ def _rss_mb():
 @pytest.mark.slow
 def test_export_under_load_from_threads(tmp_path):
   encoder = driver.tiny_encoder()
-  classifier = linear_eval.build_classifier(encoder, driver.CLASSES)
+  classifier = classifier_lib.build_classifier(encoder, driver.CLASSES)
   path = export.export_classifier(classifier, str(tmp_path), image_size=8,
                                   encoder=encoder)
   loaded = tf.saved_model.load(path)

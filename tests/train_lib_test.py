@@ -80,6 +80,7 @@ def train(trainer, steps):
   strategy = trainer.strategy
   replicas = strategy.num_replicas_in_sync
   local = GLOBAL_BATCH // replicas
+  step_fn = tf.function(trainer.distributed_step)  # traced once, not per step
   losses = []
   for step in range(steps):
     views, labels = global_batch(step)
@@ -93,7 +94,7 @@ def train(trainer, steps):
     else:
       inputs = strategy.experimental_distribute_values_from_function(
           lambda ctx: shard(ctx.replica_id_in_sync_group))
-    metrics = tf.function(trainer.distributed_step)(*inputs)
+    metrics = step_fn(*inputs)
     losses.append(float(metrics["loss"]))
   return losses
 

@@ -8,6 +8,7 @@ Any Keras model mapping images `[batch, H, W, 3]` to representations
 import re
 
 import keras
+import tensorflow as tf
 
 from supcon_tf import config as config_lib
 from supcon_tf.models.heads import ProjectionHead
@@ -20,6 +21,7 @@ __all__ = [
     "VALID_DEPTHS",
     "build_encoder",
     "build_head",
+    "embed_views",
     "representation_dim",
     "resnet",
 ]
@@ -77,3 +79,27 @@ def build_head(config: config_lib.ModelConfig) -> ProjectionHead:
   return ProjectionHead(kind=config.head, hidden_dim=config.head_hidden,
                         output_dim=config.projection_dim,
                         name="projection_head")
+
+
+def embed_views(encoder, head, views, training=None):
+  """Embeds every view of every sample, all views as one encoder batch.
+
+  One batch, so that batch normalisation sees every view.
+
+  Args:
+    encoder: Keras model `[n, H, W, C] -> [n, rep_dim]`.
+    head: layer `[n, rep_dim] -> [n, dim]`.
+    views: `[batch, V, H, W, C]` images, `views[i, v]` view v of sample i.
+    training: passed to the encoder and head (batch-norm mode).
+
+  Returns:
+    float32 `[batch, V, dim]`.
+  """
+  batch, num_views = tf.shape(views)[0], views.shape[1]
+  # Static image dims where known, so the encoder keeps its shapes.
+  image_dims = [d if d is not None else tf.shape(views)[i + 2]
+                for i, d in enumerate(views.shape[2:])]
+  images = tf.reshape(views, [-1] + image_dims)
+  embeddings = tf.cast(head(encoder(images, training=training),
+                            training=training), tf.float32)
+  return tf.reshape(embeddings, [batch, num_views, embeddings.shape[-1]])
