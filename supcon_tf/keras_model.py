@@ -152,8 +152,8 @@ class SupConModel(keras.Model):
       loss, logs, embeddings = self._loss_and_metrics(data, training=True)
       return loss, (logs, embeddings)
 
-    logs, embeddings = objectives.minimize(self.optimizer, compute_loss,
-                                           self.trainable_variables)
+    logs, embeddings = objectives.minimize(
+        self.optimizer, compute_loss, lambda: self.trainable_variables)
     if self.memory is not None:
       x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
       self.memory.enqueue(*self.memory.keys(_as_views(x), y, embeddings))

@@ -40,7 +40,9 @@ def minimize(optimizer, compute_loss, variables):
     compute_loss: callable with no arguments returning `(loss, aux)`: the
       scalar this replica differentiates and anything else to pass on.
       Called inside the gradient tape.
-    variables: the variables to update.
+    variables: callable with no arguments returning the variables to update;
+      called after `compute_loss`, whose forward pass may build layers (a
+      Keras model is built on its first call in `fit`).
 
   Returns:
     `aux`.
@@ -48,6 +50,7 @@ def minimize(optimizer, compute_loss, variables):
   with tf.GradientTape() as tape:
     loss, aux = compute_loss()
     scaled = optimizer.scale_loss(loss)
+  variables = variables()
   gradients = tape.gradient(scaled, variables)
   if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
     # An overflow on any replica must skip the step on all of them.

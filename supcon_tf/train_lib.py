@@ -147,7 +147,7 @@ class Trainer:
         return results["loss"], results
 
       results = objectives.minimize(self.optimizer, compute_loss,
-                                    self.trainable_variables)
+                                    lambda: self.trainable_variables)
       if "_keys" in results:
         results["_keys"] = self.memory.keys(views, labels, results["_keys"])
     # Health metrics are per-replica means: weight them to average later.

@@ -98,6 +98,24 @@ def test_fit_reports_the_forward_loss(one_device):
   np.testing.assert_allclose(fit_loss, want, rtol=1e-5)
 
 
+def test_fit_builds_an_unbuilt_model_and_trains_every_weight():
+  # As in the README: no build() before fit, so the head is built inside the
+  # first traced step and must still be among the updated variables.
+  model = keras_model.SupConModel(tiny_encoder(),
+                                  models.ProjectionHead(output_dim=DIM))
+  model.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE),
+                loss=losses.SupConLoss(temperature=0.1))
+  views, labels = global_batch()
+  model.fit(dataset(views, labels).repeat(), epochs=1, steps_per_epoch=2,
+            verbose=0)
+  after_one = {v.path: v.numpy() for v in model.trainable_variables}
+  model.fit(dataset(views, labels), epochs=1, steps_per_epoch=1, verbose=0)
+  head = [v for v in model.trainable_variables if "projection_head" in v.path]
+  assert len(head) == 4
+  for v in head:
+    assert not np.array_equal(v.numpy(), after_one[v.path]), v.path
+
+
 def loop_trainer(**memory):
   """`train_lib.Trainer` with the settings `make_model` compiles."""
   config = config_lib.TrainConfig(

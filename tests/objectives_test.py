@@ -71,7 +71,8 @@ def test_minimize_takes_one_step_and_returns_aux(loss_scaled):
   if loss_scaled:
     optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
   optimizer.build([w])
-  aux = objectives.minimize(optimizer, lambda: (w * w, "aux"), [w])
+  aux = objectives.minimize(optimizer, lambda: (w * w, "aux"),
+                            lambda: [w])
   assert aux == "aux"
   np.testing.assert_allclose(w.numpy(), 1.0 - 0.1 * 2.0, rtol=1e-6)
 
@@ -81,7 +82,7 @@ def test_minimize_skips_a_non_finite_step_and_halves_the_scale():
   optimizer = keras.optimizers.LossScaleOptimizer(
       keras.optimizers.SGD(0.1), initial_scale=2.0**10)
   optimizer.build([w])
-  objectives.minimize(optimizer, lambda: (w * np.inf, None), [w])
+  objectives.minimize(optimizer, lambda: (w * np.inf, None), lambda: [w])
   assert w.numpy() == 1.0
   assert float(optimizer.dynamic_scale) == 2.0**9
 
