@@ -21,12 +21,12 @@ import json
 import os
 import re
 import sys
-import textwrap
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from supcon_tf import cli_help
 from supcon_tf import config as config_lib
 from supcon_tf import tf_startup
 
@@ -187,86 +187,12 @@ FLAG_GROUPS = (
     ("any other setting", ("set",)),
 )
 
-_HELP_HEADER = """\
-supcon-tf: Supervised Contrastive Learning with TensorFlow and Keras.
-Pretrains, evaluates (frozen-encoder linear classifier), exports a
-SavedModel and writes a report, all in --workdir; rerun the same command
-to resume.
-
-  supcon-tf --workdir=runs/first
-  supcon-tf --flagfile=experiments/cifar10_supcon_cpu30.cfg --workdir=runs/x
-"""
-_HELP_FOOTER = """\
---flagfile=FILE reads flags from FILE (one per line, # comments).
---helpfull lists every flag, absl's included."""
-_HELP_COLUMN = 30  # Where the help text of a flag starts.
-
-
-def _flag_usage(flag) -> str:
-  """`--name=default`, as it would be typed."""
-  if flag.default is None:
-    return f"--{flag.name} (unset)"
-  default = flag.default
-  if isinstance(default, bool):
-    default = "true" if default else "false"
-  elif isinstance(default, (list, tuple)):
-    default = ",".join(str(v) for v in default)
-  return f"--{flag.name}={default}"
-
-
-def _flag_lines(flag):
-  """The help of one flag: usage, then the wrapped description."""
-  text = flag.help
-  enum_values = getattr(flag.parser, "enum_values", None)
-  if enum_values:  # absl's "<a|b>: " prefix, as a sentence at the end.
-    text = text.split(">: ", 1)[-1] + f" One of: {', '.join(enum_values)}."
-  usage = "  " + _flag_usage(flag)
-  width = 80 - _HELP_COLUMN
-  body = textwrap.wrap(text, width) or [""]
-  if len(usage) >= _HELP_COLUMN - 1:
-    lines = [usage]
-  else:
-    lines = [usage.ljust(_HELP_COLUMN) + body.pop(0)]
-  return lines + [" " * _HELP_COLUMN + line for line in body]
-
-
 def grouped_help() -> str:
   """The text of `--help`: our flags by stage, with their defaults."""
-  parts = [_HELP_HEADER]
-  for title, names in FLAG_GROUPS:
-    parts.append(f"{title}:")
-    for name in names:
-      parts.extend(_flag_lines(FLAGS[name]))
-    parts.append("")
-  parts.append(_HELP_FOOTER)
-  return "\n".join(parts)
+  return cli_help.grouped_help(FLAGS, FLAG_GROUPS)
 
 
-class _HelpFlag(flags.BooleanFlag):
-  """`--help` / `-?` / `--helpshort`: prints `grouped_help()` and exits 0."""
-
-  def __init__(self, name, short_name=None):
-    super().__init__(name, False, "show the flags of this program",
-                     short_name=short_name, allow_hide_cpp=True)
-
-  def parse(self, argument):
-    if self._parse(argument):
-      print(grouped_help())
-      sys.exit(0)
-
-
-def _define_help_flags() -> None:
-  """Replaces absl's --help (main module's flags only) by `grouped_help`."""
-  app.define_help_flags()  # Idempotent; defines --helpfull, --help, ...
-  if isinstance(FLAGS["help"], _HelpFlag):
-    return
-  for name in ("help", "?", "helpshort"):
-    delattr(FLAGS, name)
-  flags.DEFINE_flag(_HelpFlag("help", "?"))
-  flags.DEFINE_flag(_HelpFlag("helpshort"))
-
-
-_define_help_flags()
+cli_help.install(FLAGS, grouped_help)
 
 
 class UsageError(ValueError):
@@ -380,6 +306,10 @@ def summary_table(report: dict, workdir: str) -> str:
     rows.append(("k-NN top-1", (
         f"{_percent(evaluation['knn_top1'])} (k={evaluation['knn_k']}, "
         f"{evaluation['knn_train_examples']:,} neighbours)")))
+    for space, result in (evaluation.get("retrieval") or {}).items():
+      rows.append((f"retrieval ({space})", (
+          f"recall@1 {_percent(result['recall@1'])}, mAP@R "
+          f"{_percent(result['map@r'])} (retrieval.json)")))
     robustness = evaluation.get("robustness")
     if robustness:
       rows.append(("corrupted top-1", (

@@ -1,8 +1,9 @@
 """A run directory's evaluation beyond the linear classifier.
 
-`evaluate_workdir` measures the k-NN top-1 (`supcon_tf.knn`), the corruption
-robustness (`supcon_tf.robustness`) and draws the figures of
-`supcon_tf.plots`; `top1_accuracy` scores any classifier.
+`evaluate_workdir` measures the k-NN top-1 (`supcon_tf.knn`), label
+retrieval (`supcon_tf.retrieval`), the corruption robustness
+(`supcon_tf.robustness`) and draws the figures of `supcon_tf.plots`;
+`top1_accuracy` scores any classifier.
 """
 
 import json
@@ -18,6 +19,7 @@ from supcon_tf import config as config_lib
 from supcon_tf import data
 from supcon_tf import knn
 from supcon_tf import plots
+from supcon_tf import retrieval
 from supcon_tf import robustness
 from supcon_tf import rundir
 
@@ -61,11 +63,16 @@ def _run_name(workdir: str) -> str:
 def evaluate_workdir(workdir: str, *, encoder: keras.Model,
                      classifier: Optional[keras.Model],
                      data_config: config_lib.DataConfig,
-                     config: Optional[config_lib.EvalConfig] = None
+                     config: Optional[config_lib.EvalConfig] = None,
+                     projection: Optional[keras.Model] = None
                      ) -> Dict[str, Any]:
-  """kNN accuracy, corruption robustness and figures of a run directory.
+  """kNN accuracy, retrieval, corruption robustness and figures of a run.
 
   Writes, under `workdir`:
+    * `retrieval.json`: Recall@1/5/10 and mAP@R of the test images as
+      queries against the k-NN neighbours as gallery (same label =
+      relevant), in the encoder's space and, given `projection`, in the
+      projection head's (`{"encoder": ..., "projection": ...}`);
     * `plots/training_curves.png` from the `pretrain/train` TensorBoard
       events (skipped, with a note, when there are none);
     * `plots/embeddings.png`: 2-D projection of the test embeddings;
@@ -85,10 +92,14 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
     data_config: the run's data configuration.
     config: what to measure and on how many examples (default
       `EvalConfig()`).
+    projection: optional Keras model `[batch, H, W, 3] -> [batch, dim]`,
+      the encoder with its projection head (the space a contrastive loss
+      trained); adds that space to the retrieval results.
 
   Returns:
     A JSON-ready dict: `{"knn_top1": float, "knn_k": int,
-    "knn_train_examples": int, "test_examples": int, "robustness": the
+    "knn_train_examples": int, "test_examples": int, "retrieval": as in
+    `retrieval.json`, "robustness": the
     `corruption_robustness` dict or None, "plots": [paths of the written
     PNGs, relative to workdir], "notes": [what was skipped and why]}`.
 
@@ -130,6 +141,22 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
   logging.info("kNN top-1 (k=%d, %d neighbours, %d test images): %.4f",
                k_used, len(train_labels), len(test_labels), knn_top1)
 
+  # Tiny galleries (smoke tests) drop the k they cannot reach.
+  recall_at = [k for k in retrieval.DEFAULT_RECALL_AT
+               if k <= len(train_labels)]
+  spaces = {"encoder": retrieval.retrieval_metrics(
+      test_features, test_labels, train_features, train_labels,
+      recall_at=recall_at)}
+  if projection is not None:
+    spaces["projection"] = retrieval.retrieval_metrics(
+        *knn.embed(projection, test), *knn.embed(projection, train),
+        recall_at=recall_at)
+  rundir.atomic_write(rundir.retrieval_path(workdir),
+                      json.dumps(spaces, indent=2, sort_keys=True))
+  for space, result in spaces.items():
+    logging.info("retrieval in the %s space: recall@1 %.4f, mAP@R %.4f",
+                 space, result["recall@1"], result["map@r"])
+
   plots.plot_embeddings(
       test_features, test_labels, plot_path("embeddings.png"),
       class_names=info.class_names, method=config.embedding_method,
@@ -149,6 +176,7 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
       "knn_k": k_used,
       "knn_train_examples": int(len(train_labels)),
       "test_examples": int(len(test_labels)),
+      "retrieval": spaces,
       "robustness": robustness_result,
       "plots": written,
       "notes": notes,

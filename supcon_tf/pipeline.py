@@ -179,12 +179,14 @@ def _later_stages(stages, workdir, report, linear, evaluation_config,
     report["export"] = path
     say(f"exported to {path}")
   if "evaluate" in stages:
-    say("evaluation: k-NN accuracy, "
+    say("evaluation: k-NN accuracy, retrieval, "
         f"{'corruption robustness, ' if evaluation_config.robustness else ''}"
         "plots")
     report["evaluation"] = evaluation.evaluate_workdir(
         workdir, encoder=encoder, classifier=classifier,
-        data_config=config.data, config=evaluation_config)
+        data_config=config.data, config=evaluation_config,
+        projection=None if config.method == "ce" else
+        pretrained.restore_projection(pretrain_dir, config))
 
 
 def _ce_head_accuracy(pretrain_dir, config) -> dict:

@@ -35,6 +35,7 @@ CLASSIFIER_FILE = "classifier.keras"
 LINEAR_BACKUP_DIR = "linear_backup"
 PLOTS_DIR = "plots"
 ROBUSTNESS_FILE = "robustness.json"
+RETRIEVAL_FILE = "retrieval.json"
 
 # Fields that may change between a run and its resumption without changing
 # the experiment.
@@ -100,6 +101,10 @@ def plots_dir(workdir: str) -> str:
 
 def robustness_path(workdir: str) -> str:
   return os.path.join(workdir, ROBUSTNESS_FILE)
+
+
+def retrieval_path(workdir: str) -> str:
+  return os.path.join(workdir, RETRIEVAL_FILE)
 
 
 def atomic_write(path: str, contents: Union[str, bytes]) -> None:

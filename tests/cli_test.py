@@ -258,6 +258,9 @@ REPORT = {
     "export": "/runs/first/export/1",
     "evaluation": {"knn_top1": 0.652, "knn_k": 200,
                    "knn_train_examples": 10000, "test_examples": 2000,
+                   "retrieval": {
+                       "encoder": {"recall@1": 0.612, "map@r": 0.283},
+                       "projection": {"recall@1": 0.598, "map@r": 0.371}},
                    "robustness": {"clean_top1": 0.68,
                                   "mean_corrupted_top1": 0.451},
                    "plots": [], "notes": []},
@@ -267,14 +270,18 @@ REPORT = {
 def test_summary_table_is_short_and_readable():
   table = cli.summary_table(REPORT, "/runs/first")
   assert table.splitlines() == [
-      "pretraining        supcon, 1,400 steps, final loss 4.5679, "
+      "pretraining             supcon, 1,400 steps, final loss 4.5679, "
       "1,234 images/s",
-      "linear eval top-1  68.3 % test, top-5 97.1 % (learning rate 1, 9 "
+      "linear eval top-1       68.3 % test, top-5 97.1 % (learning rate 1, 9 "
       "epochs, chosen on validation)",
-      "k-NN top-1         65.2 % (k=200, 10,000 neighbours)",
-      "corrupted top-1    45.1 % mean, clean 68.0 %",
-      "SavedModel         /runs/first/export/1",
-      "report             /runs/first/report.json",
+      "k-NN top-1              65.2 % (k=200, 10,000 neighbours)",
+      "retrieval (encoder)     recall@1 61.2 %, mAP@R 28.3 % "
+      "(retrieval.json)",
+      "retrieval (projection)  recall@1 59.8 %, mAP@R 37.1 % "
+      "(retrieval.json)",
+      "corrupted top-1         45.1 % mean, clean 68.0 %",
+      "SavedModel              /runs/first/export/1",
+      "report                  /runs/first/report.json",
   ]
   with_head = cli.summary_table({"ce_head": {"test_top1": 0.7514}}, "/r")
   assert with_head.splitlines()[0] == (

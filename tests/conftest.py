@@ -14,6 +14,7 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
 from supcon_tf import distributed  # pylint: disable=g-import-not-at-top
+from supcon_tf import models  # pylint: disable=g-import-not-at-top
 
 # Four logical CPUs let MirroredStrategy tests run 2- and 4-replica
 # training on a CPU-only machine. Must happen before TF initialises devices.
@@ -185,3 +186,41 @@ def queue_state(memory):
   """`(queue, labels, pointer)` of a `memory.KeyMemory`, as NumPy / int."""
   return (memory.queue.numpy(), memory.queue_labels.numpy(),
           int(memory.queue_pointer.numpy()))
+
+
+# Colour images for the evaluation tests: the class is the mean colour, so a
+# random tiny encoder already separates them.
+COLOUR_IMAGE = 8
+# Class colours: corners of the RGB cube, pulled towards grey by `spread`.
+_CORNERS = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1],
+                     [0, 1, 1]], np.float32)
+
+
+def colour_data(n, num_classes, seed, *, noise=0.01, spread=0.8):
+  """`n` images `[n, 8, 8, 3]` whose mean colour is their class's, + noise."""
+  palette = 0.5 + spread * (_CORNERS[:num_classes] - 0.5)
+  rng = np.random.RandomState(seed)
+  labels = rng.permutation(np.arange(n) % num_classes).astype(np.int32)
+  images = (palette[labels][:, None, None, :] +
+            noise * rng.normal(size=(n, COLOUR_IMAGE, COLOUR_IMAGE, 3)))
+  return np.clip(images, 0, 1).astype(np.float32), labels
+
+
+def tiny_encoder(seed=0):
+  """A ResNet-18 at 1/16 width for `colour_data` images, seeded."""
+  keras.utils.set_random_seed(seed)
+  return models.resnet(18, width=0.0625,
+                       input_shape=(COLOUR_IMAGE, COLOUR_IMAGE, 3))
+
+
+def snapshot(model):
+  """`[(path, value)]` of every weight, copied."""
+  return [(w.path, np.array(w.numpy())) for w in model.weights]
+
+
+def assert_unchanged(before, model):
+  """Every weight of `model` is bit-identical to the `snapshot` `before`."""
+  after = snapshot(model)
+  assert [p for p, _ in before] == [p for p, _ in after]
+  for (path, old), (_, new) in zip(before, after):
+    assert old.tobytes() == new.tobytes(), f"{path} changed"

@@ -16,6 +16,7 @@ from supcon_tf import data
 from supcon_tf import evaluation
 from supcon_tf import knn
 from supcon_tf import models
+from supcon_tf import retrieval
 from supcon_tf import robustness as robustness_lib
 
 
@@ -34,18 +35,31 @@ def test_evaluate_workdir_end_to_end(tmp_path):
     json.dump({"method": "supcon"}, f)
   encoder = models.resnet(18, width=0.0625, input_shape=(IMAGE, IMAGE, 3))
   classifier = classifier_lib.build_classifier(encoder, 10)
+  images = keras.Input((IMAGE, IMAGE, 3))
+  # A constant projection ranks the gallery in index order: retrieval there
+  # differs from the encoder's, so the test sees which model each space used.
+  projection = keras.Model(images, keras.layers.Dense(
+      4, kernel_initializer="zeros", bias_initializer="ones")(
+          encoder(images)))
   data_config = config_lib.DataConfig(dataset="cifar10", image_size=IMAGE,
                                       validation_fraction=0.25)
   with mock_cifar10(tmp_path):
     result = evaluation.evaluate_workdir(
         str(workdir), encoder=encoder, classifier=classifier,
         data_config=data_config, config=config_lib.EvalConfig(
-            max_examples=6, knn_train_examples=12, batch_size=4))
-    # The same kNN classifier, computed from scratch on the same examples.
+            max_examples=6, knn_train_examples=12, batch_size=4),
+        projection=projection)
+    # The same kNN classifier and retrieval, computed from scratch on the
+    # same examples.
     train = data.eval_dataset(data_config, "train", batch_size=12).take(1)
     test = data.eval_dataset(data_config, "test", batch_size=6).take(1)
     expected_knn = knn.knn_accuracy(encoder, train, test, k=12,
                                            num_classes=10)
+    expected_retrieval = {
+        space: retrieval.retrieval_metrics(*knn.embed(model, test),
+                                           *knn.embed(model, train))
+        for space, model in (("encoder", encoder),
+                             ("projection", projection))}
     images, labels = next(iter(test))
     plain = np.mean(np.argmax(classifier.predict(images, verbose=0), 1) ==
                     labels.numpy())
@@ -64,6 +78,10 @@ def test_evaluate_workdir_end_to_end(tmp_path):
   assert set(robustness["top1"]) == set(robustness_lib.CORRUPTIONS)
   with open(workdir / "robustness.json") as f:
     assert json.load(f) == robustness
+  assert result["retrieval"] == expected_retrieval
+  assert expected_retrieval["encoder"] != expected_retrieval["projection"]
+  with open(workdir / "retrieval.json") as f:
+    assert json.load(f) == expected_retrieval
   assert json.loads(json.dumps(result)) == result
 
 
@@ -85,6 +103,11 @@ def test_evaluate_workdir_without_events_or_robustness(tmp_path):
   assert result["plots"] == ["plots/embeddings.png"]
   assert len(result["notes"]) == 1 and "training_curves" in result["notes"][0]
   assert not os.path.exists(workdir / "robustness.json")
+  # Without a projection, the encoder space only; a gallery of 8 has no
+  # recall@10.
+  assert list(result["retrieval"]) == ["encoder"]
+  assert "recall@10" not in result["retrieval"]["encoder"]
+  assert result["retrieval"]["encoder"]["gallery"] == 8
   conftest.assert_png(os.path.join(workdir, "plots", "embeddings.png"))
 
 

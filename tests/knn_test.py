@@ -2,13 +2,13 @@
 
 import sys
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import conftest
 from supcon_tf import knn
-from supcon_tf import models
+
 
 def test_knn_predict_weights_votes_by_similarity():
   # Test row (1, 0): neighbours of class 0 at cosine 1 and 0, class 1 at
@@ -31,27 +31,8 @@ def test_knn_predict_weights_votes_by_similarity():
                            num_classes=2)
 
 
-KNN_IMAGE = 8
-
-
-def colour_data(n, num_classes, seed, noise=0.01):
-  """Images whose mean colour (an RGB-cube corner) is their class."""
-  corners = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0]],
-                     np.float32)[:num_classes]
-  rng = np.random.RandomState(seed)
-  labels = rng.permutation(np.arange(n) % num_classes).astype(np.int32)
-  images = (0.5 + 0.8 * (corners[labels] - 0.5))[:, None, None, :]
-  images = images + noise * rng.normal(size=(n, KNN_IMAGE, KNN_IMAGE, 3))
-  return np.clip(images, 0, 1).astype(np.float32), labels
-
-
 def batches(images, labels, batch=16):
   return tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch)
-
-
-def tiny_encoder(seed=0):
-  keras.utils.set_random_seed(seed)
-  return models.resnet(18, width=0.0625, input_shape=(KNN_IMAGE, KNN_IMAGE, 3))
 
 
 def unit_rows(rng, n, dim):
@@ -122,9 +103,9 @@ def test_knn_predict_rejects_bad_arguments(kwargs, match):
 
 
 def test_embed_normalises_and_leaves_encoder_untouched():
-  encoder = tiny_encoder()
+  encoder = conftest.tiny_encoder()
   before = [np.array(w.numpy()) for w in encoder.weights]
-  images, labels = colour_data(20, 3, 0)
+  images, labels = conftest.colour_data(20, 3, 0)
   features, embedded_labels = knn.embed(encoder,
                                                batches(images, labels, 8))
   assert features.shape == (20, 32) and features.dtype == np.float32
@@ -139,9 +120,9 @@ def test_embed_normalises_and_leaves_encoder_untouched():
 
 
 def test_knn_accuracy_on_separable_data():
-  encoder = tiny_encoder()
-  train_images, train_labels = colour_data(64, 4, 0)
-  test = batches(*colour_data(32, 4, 1))
+  encoder = conftest.tiny_encoder()
+  train_images, train_labels = conftest.colour_data(64, 4, 0)
+  test = batches(*conftest.colour_data(32, 4, 1))
   accuracy = knn.knn_accuracy(
       encoder, batches(train_images, train_labels), test, k=10,
       chunk_size=7)

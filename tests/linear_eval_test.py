@@ -14,24 +14,10 @@ import conftest
 from supcon_tf import config as config_lib
 from supcon_tf import linear_backup
 from supcon_tf import linear_eval
-from supcon_tf import models
 from supcon_tf import rundir
 
-IMAGE = 8
+IMAGE = conftest.COLOUR_IMAGE
 BATCH = 16
-# Class colours: corners of the RGB cube, pulled towards grey by `spread`.
-_CORNERS = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1],
-                     [0, 1, 1]], np.float32)
-
-
-def colour_data(n, num_classes, seed, *, noise=0.01, spread=0.8):
-  """Images whose mean colour is their class's colour, plus noise."""
-  palette = 0.5 + spread * (_CORNERS[:num_classes] - 0.5)
-  rng = np.random.RandomState(seed)
-  labels = rng.permutation(np.arange(n) % num_classes).astype(np.int32)
-  images = (palette[labels][:, None, None, :] +
-            noise * rng.normal(size=(n, IMAGE, IMAGE, 3)))
-  return np.clip(images, 0, 1).astype(np.float32), labels
 
 
 def batches(images, labels, batch=BATCH):
@@ -51,26 +37,10 @@ def spied(images, labels, name, log, batch=BATCH):
       tf.TensorSpec([None], tf.int32)))
 
 
-def tiny_encoder(seed=0):
-  keras.utils.set_random_seed(seed)
-  return models.resnet(18, width=0.0625, input_shape=(IMAGE, IMAGE, 3))
-
-
-def snapshot(model):
-  return [(w.path, np.array(w.numpy())) for w in model.weights]
-
-
-def assert_unchanged(before, model):
-  after = snapshot(model)
-  assert [p for p, _ in before] == [p for p, _ in after]
-  for (path, old), (_, new) in zip(before, after):
-    assert old.tobytes() == new.tobytes(), f"{path} changed"
-
-
 def easy_datasets(num_classes=4):
-  return dict(train=batches(*colour_data(64, num_classes, 0)),
-              validation=batches(*colour_data(32, num_classes, 1)),
-              test=batches(*colour_data(32, num_classes, 2)))
+  return dict(train=batches(*conftest.colour_data(64, num_classes, 0)),
+              validation=batches(*conftest.colour_data(32, num_classes, 1)),
+              test=batches(*conftest.colour_data(32, num_classes, 2)))
 
 
 def eval_config(**kwargs):
@@ -85,13 +55,13 @@ def accuracy(classifier, images, labels):
 
 
 def test_cached_features_accurate_untouched_and_written(tmp_path):
-  encoder = tiny_encoder()
-  before = snapshot(encoder)
-  test_images, test_labels = colour_data(32, 4, 2)
+  encoder = conftest.tiny_encoder()
+  before = conftest.snapshot(encoder)
+  test_images, test_labels = conftest.colour_data(32, 4, 2)
   classifier, result = linear_eval.linear_eval(
       encoder, config_lib.DataConfig(), eval_config(),
       datasets=easy_datasets(), workdir=str(tmp_path), verbose=False)
-  assert_unchanged(before, encoder)
+  conftest.assert_unchanged(before, encoder)
   assert result.cached_features and result.selected_on == "validation"
   assert result.num_classes == 4 and result.top5_k == 4
   assert result.test_top1 > 0.9
@@ -119,10 +89,10 @@ def test_choices_are_made_on_validation_only(cache_features):
   top-1: choosing on validation picks the candidate that is *worst* on test,
   which no selection that peeks at the test split would do.
   """
-  encoder = tiny_encoder()
-  before = snapshot(encoder)
-  train_images, train_labels = colour_data(64, 2, 0, noise=0.3, spread=0.2)
-  images, labels = colour_data(48, 2, 2, noise=0.3, spread=0.2)
+  encoder = conftest.tiny_encoder()
+  before = conftest.snapshot(encoder)
+  train_images, train_labels = conftest.colour_data(64, 2, 0, noise=0.3, spread=0.2)
+  images, labels = conftest.colour_data(48, 2, 2, noise=0.3, spread=0.2)
   log = []
   datasets = dict(train=spied(train_images, train_labels, "train", log),
                   validation=spied(images, 1 - labels, "validation", log),
@@ -132,7 +102,7 @@ def test_choices_are_made_on_validation_only(cache_features):
       eval_config(epochs=3, learning_rates=(0.01, 0.5),
                   cache_features=cache_features),
       datasets=datasets, verbose=False)
-  assert_unchanged(before, encoder)
+  conftest.assert_unchanged(before, encoder)
   assert log.count("test") == 1 and log[-1] == "test"
   assert "validation" in log and "train" in log
 
@@ -154,9 +124,9 @@ def test_without_validation_trains_the_single_rate():
   log = []
   datasets = easy_datasets(3)
   datasets["validation"] = None
-  datasets["test"] = spied(*colour_data(24, 3, 2), "test", log)
+  datasets["test"] = spied(*conftest.colour_data(24, 3, 2), "test", log)
   _, result = linear_eval.linear_eval(
-      tiny_encoder(), config_lib.DataConfig(),
+      conftest.tiny_encoder(), config_lib.DataConfig(),
       eval_config(epochs=3, learning_rates=None, learning_rate=0.5),
       datasets=datasets, verbose=False)
   assert result.selected_on == "none"
@@ -167,39 +137,39 @@ def test_without_validation_trains_the_single_rate():
   assert log == ["test"]
   with pytest.raises(ValueError, match="validation split"):
     linear_eval.linear_eval(
-        tiny_encoder(), config_lib.DataConfig(), eval_config(epochs=1),
+        conftest.tiny_encoder(), config_lib.DataConfig(), eval_config(epochs=1),
         datasets=datasets, verbose=False)
 
 
 def test_under_mirrored_strategy():
   strategy = conftest.make_mirrored(2)
-  encoder = tiny_encoder()
-  before = snapshot(encoder)
+  encoder = conftest.tiny_encoder()
+  before = conftest.snapshot(encoder)
   classifier, result = linear_eval.linear_eval(
       encoder, config_lib.DataConfig(),
       eval_config(learning_rates=None, learning_rate=1.0),
       strategy=strategy, datasets=easy_datasets(), verbose=False)
-  assert_unchanged(before, encoder)
+  conftest.assert_unchanged(before, encoder)
   assert result.test_top1 > 0.9
   assert result.test_top5 >= result.test_top1
-  assert accuracy(classifier, *colour_data(32, 4, 2)) == pytest.approx(
+  assert accuracy(classifier, *conftest.colour_data(32, 4, 2)) == pytest.approx(
       result.test_top1)
 
 
 @pytest.mark.slow
 def test_image_path_under_mirrored_strategy():
   strategy = conftest.make_mirrored(2)
-  encoder = tiny_encoder()
-  before = snapshot(encoder)
+  encoder = conftest.tiny_encoder()
+  before = conftest.snapshot(encoder)
   classifier, result = linear_eval.linear_eval(
       encoder, config_lib.DataConfig(),
       eval_config(epochs=2, learning_rates=None, learning_rate=1.0,
                   cache_features=False),
       strategy=strategy, datasets=easy_datasets(), verbose=False)
-  assert_unchanged(before, encoder)
+  conftest.assert_unchanged(before, encoder)
   assert not result.cached_features
   assert [e["epoch"] for e in result.history[0]["epochs"]] == [1, 2]
-  assert accuracy(classifier, *colour_data(32, 4, 2)) == pytest.approx(
+  assert accuracy(classifier, *conftest.colour_data(32, 4, 2)) == pytest.approx(
       result.test_top1)
 
 
@@ -221,7 +191,7 @@ def test_killed_run_resumes(tmp_path, monkeypatch):
 
   killed = []
   monkeypatch.setattr(linear_backup.Selection, "record", record_then_die)
-  encoder = tiny_encoder()
+  encoder = conftest.tiny_encoder()
   with pytest.raises(_Killed):
     linear_eval.linear_eval(encoder, config_lib.DataConfig(), config,
                             datasets=easy_datasets(), workdir=str(tmp_path),
@@ -249,7 +219,7 @@ def test_killed_run_resumes(tmp_path, monkeypatch):
 def test_full_disk_while_backing_up_is_one_line_and_resumable(
     tmp_path, monkeypatch):
   config = eval_config(epochs=3, learning_rates=(0.3,))
-  encoder = tiny_encoder()
+  encoder = conftest.tiny_encoder()
   _, want = linear_eval.linear_eval(
       encoder, config_lib.DataConfig(), config, datasets=easy_datasets(),
       verbose=False)
@@ -292,8 +262,8 @@ def mock_cifar10(tmp_path, num_examples=16, num_train=16, num_test=8):
 
 def test_augmented_images_from_tfds_leave_encoder_untouched(tmp_path):
   with mock_cifar10(tmp_path):
-    encoder = tiny_encoder()
-    before = snapshot(encoder)
+    encoder = conftest.tiny_encoder()
+    before = conftest.snapshot(encoder)
     data_config = config_lib.DataConfig(
         dataset="cifar10", image_size=IMAGE, validation_fraction=0.25,
         shuffle_buffer=16)
@@ -302,7 +272,7 @@ def test_augmented_images_from_tfds_leave_encoder_untouched(tmp_path):
         eval_config(epochs=2, batch_size=4, augment=True,
                     learning_rates=None),
         verbose=False)
-  assert_unchanged(before, encoder)
+  conftest.assert_unchanged(before, encoder)
   assert not result.cached_features
   assert result.num_classes == 10 and result.top5_k == 5
   assert result.selected_on == "validation"

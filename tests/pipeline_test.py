@@ -2,6 +2,7 @@
 
 import contextlib
 import errno
+import json
 import os
 import sys
 
@@ -46,6 +47,8 @@ def test_train_ce_reports_the_head_it_trained(tmp_path):
     assert report["ce_head"]["test_top1"] == evaluation.top1_accuracy(
         model, test)
   assert set(report["ce_head"]) == {"validation_top1", "test_top1"}
+  # Cross-entropy has no projection space to retrieve in.
+  assert list(report["evaluation"]["retrieval"]) == ["encoder"]
   # The restored head is the trained one, not a fresh initialisation.
   reader = tf.train.load_checkpoint(
       tf.train.latest_checkpoint(rundir.checkpoints_dir(pretrain_dir)))
@@ -59,6 +62,37 @@ def test_train_ce_reports_the_head_it_trained(tmp_path):
 def test_contrastive_runs_have_no_ce_head(tmp_path):
   with pytest.raises(ValueError, match="only method='ce'"):
     pretrained.restore_ce_model(str(tmp_path), tiny_train("supcon"), 10)
+  with pytest.raises(ValueError, match="no projection head"):
+    pretrained.restore_projection(str(tmp_path), tiny_train("ce"))
+
+
+def test_contrastive_run_retrieves_in_both_spaces(tmp_path):
+  workdir = str(tmp_path / "run")
+  with conftest.mock_tfds(tmp_path, num_examples=16, num_train=20):
+    for mode in ("pretrain", "linear_eval", "evaluate"):
+      report = pipeline.run(
+          mode, workdir, train=tiny_train("supcon"),
+          linear=config_lib.LinearEvalConfig(epochs=1, batch_size=8),
+          evaluation_config=config_lib.EvalConfig(
+              robustness=False, max_examples=8, knn_train_examples=8),
+          verbose=False)
+    pretrain_dir = rundir.pretrain_dir(workdir)
+    projection = pretrained.restore_projection(
+        pretrain_dir, rundir.load_config(pretrain_dir))
+  retrieval = report["evaluation"]["retrieval"]
+  assert set(retrieval) == {"encoder", "projection"}
+  assert retrieval["projection"]["gallery"] == 8
+  with open(rundir.retrieval_path(workdir)) as f:
+    assert json.load(f) == retrieval
+  assert projection.output_shape == (None, 8)
+  # The restored head is the trained one, not a fresh initialisation.
+  reader = tf.train.load_checkpoint(
+      tf.train.latest_checkpoint(rundir.checkpoints_dir(pretrain_dir)))
+  [key] = [name for name in reader.get_variable_to_shape_map()
+           if name.startswith("head/projection/_kernel")]
+  head = projection.get_layer(index=-1)
+  np.testing.assert_array_equal(head.projection.kernel.numpy(),
+                                reader.get_tensor(key))
 
 
 @pytest.mark.parametrize("failure", ["enospc", "file_size_limit"])
