@@ -122,6 +122,8 @@ def run(mode: str, workdir: str, *, train: config_lib.TrainConfig,
                             "final_loss": result.loss,
                             "images_per_second": result.images_per_second,
                             "seconds_this_run": round(time.time() - start, 1)}
+      if result.extended_from is not None:
+        report["pretrain"]["extended_from_steps"] = result.extended_from
   if chief and _LATER_STAGES[mode]:
     # Linear evaluation on cached features costs a small fraction of
     # pretraining, and alone the chief needs no collectives with workers

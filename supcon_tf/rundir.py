@@ -40,6 +40,9 @@ RETRIEVAL_FILE = "retrieval.json"
 # Fields that may change between a run and its resumption without changing
 # the experiment.
 RESUMABLE_CHANGES = ("steps_per_loop", "checkpoint_every", "keep_checkpoints")
+# The run's length: a resume may change it (`train_lib.pretrain` checks it
+# against the steps already trained and rewrites the stored config).
+LENGTH_FIELDS = ("steps", "epochs")
 
 
 class TrainingError(RuntimeError):
@@ -180,7 +183,8 @@ def changed_settings(path: str, settings: Dict[str, Any],
 
 
 def check_resumable(workdir: str, config: config_lib.TrainConfig,
-                    name: str = CONFIG_FILE, *, write: bool = True) -> None:
+                    name: str = CONFIG_FILE, *, write: bool = True,
+                    ignore: Iterable[str] = ()) -> None:
   """Writes the run's config, or refuses a resume that changes it.
 
   Args:
@@ -189,6 +193,7 @@ def check_resumable(workdir: str, config: config_lib.TrainConfig,
     name: file of the stored configuration in `workdir`.
     write: write the configuration when `workdir` holds none yet; False only
       checks (so that a run failing before its first step claims nothing).
+    ignore: further dotted fields allowed to differ (e.g. `LENGTH_FIELDS`).
 
   Raises:
     TrainingError: `workdir` holds a run whose configuration differs in a
@@ -198,7 +203,7 @@ def check_resumable(workdir: str, config: config_lib.TrainConfig,
   path = os.path.join(workdir, name)
   if tf.io.gfile.exists(path):
     changed = changed_settings(path, json.loads(config_lib.to_json(config)),
-                               ignore=RESUMABLE_CHANGES,
+                               ignore=RESUMABLE_CHANGES + tuple(ignore),
                                defaults=config_lib.to_dict(type(config)()))
     if changed:
       details = "; ".join(f"{k}: {old!r} -> {new!r}"

@@ -38,10 +38,17 @@ from supcon_tf import rundir
 
 @dataclasses.dataclass
 class TrainResult:
+  """The end of `pretrain`.
+
+  Attributes:
+    extended_from: the length in steps the work dir's run had before this
+      call changed it (`--steps` / `--epochs`), else None.
+  """
   step: int
   loss: float
   images_per_second: float
   workdir: str
+  extended_from: Optional[int] = None
 
 
 class Trainer:
@@ -269,7 +276,8 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
     tf.config.experimental.enable_op_determinism()
   keras.utils.set_random_seed(config.seed)
   rundir.check_writable(workdir)
-  rundir.check_resumable(workdir, config, write=False)
+  rundir.check_resumable(workdir, config, write=False,
+                         ignore=rundir.LENGTH_FIELDS)
 
   num_classes, input_shape, steps_per_epoch, pipeline_fn = _input(
       config, dataset_fn)
@@ -280,10 +288,12 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
       trainer.checkpoint(), rundir.checkpoints_dir(workdir), strategy,
       config.keep_checkpoints)
   restored = saver.restore()
+  step = int(trainer.step.numpy())
+  extended_from = _change_length(workdir, config, trainer.total_steps, step,
+                                 steps_per_epoch, saver.chief)
   # Only now: a run that fails on its data or on a foreign checkpoint leaves
   # no config.json behind to refuse the corrected command.
   rundir.check_resumable(workdir, config)
-  step = int(trainer.step.numpy())
   if restored and verbose:
     logging.info("Resumed from %s at step %d.", restored, step)
   iterator = iter(strategy.distribute_datasets_from_function(
@@ -291,7 +301,8 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
   if verbose:
     print(_stage_line(config, trainer.total_steps, steps_per_epoch,
                       step if restored else None,
-                      epochs_known=dataset_fn is None), flush=True)
+                      epochs_known=dataset_fn is None,
+                      extended_from=extended_from), flush=True)
   writer = (tf.summary.create_file_writer(os.path.join(workdir, "train"))
             if saver.chief else tf.summary.create_noop_writer())
   progress = keras.utils.Progbar(trainer.total_steps, verbose=int(verbose),
@@ -325,7 +336,43 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
   if verbose and step < trainer.total_steps:
     print(flush=True)  # Ends the progress bar, which ends itself at 100 %.
   return TrainResult(step=step, loss=metrics["loss"],
-                     images_per_second=rate, workdir=workdir)
+                     images_per_second=rate, workdir=workdir,
+                     extended_from=extended_from)
+
+
+def _change_length(workdir, config, total, step, steps_per_epoch, chief):
+  """Lets a resumed run become longer or shorter; returns its old length.
+
+  The new length must cover the steps already trained. The run then
+  continues as a run of the new length planned from the start would: the
+  data stream goes on where it stopped, and the learning rate follows the
+  new length's schedule from `step` on (for a finished cosine run, a warm
+  restart). The stored config becomes the new one.
+
+  Returns:
+    The stored run's length in steps when it differs from `total`, else
+    None (also for a new run).
+
+  Raises:
+    TrainingError: `total` is below `step`.
+  """
+  path = os.path.join(workdir, rundir.CONFIG_FILE)
+  if not tf.io.gfile.exists(path):
+    return None
+  stored = rundir.load_config(workdir)
+  if all(getattr(stored, f) == getattr(config, f)
+         for f in rundir.LENGTH_FIELDS):
+    return None
+  if total < step:
+    raise rundir.TrainingError(
+        f"{workdir} has already trained {step:,} steps, more than the "
+        f"{total:,} asked for (steps={config.steps!r}, "
+        f"epochs={config.epochs!r}): ask for at least {step:,} steps, or use "
+        "a new work dir.")
+  if chief:
+    rundir.atomic_write(path, config_lib.to_json(config))
+  stored_total = total_steps(stored, steps_per_epoch)
+  return stored_total if stored_total != total else None
 
 
 def _input(config: config_lib.TrainConfig, dataset_fn: Optional[Callable]):
@@ -381,8 +428,13 @@ def _batches_delivered(step: int, context: tf.distribute.InputContext) -> int:
 
 def _stage_line(config: config_lib.TrainConfig, total: int,
                 steps_per_epoch: int, resumed_at: Optional[int], *,
-                epochs_known: bool) -> str:
+                epochs_known: bool, extended_from: Optional[int] = None
+                ) -> str:
   """The console line that opens pretraining (or says where it resumes)."""
+  if extended_from is not None:
+    return (f"pretraining: the {extended_from:,}-step run is now {total:,} "
+            f"steps, continued from step {resumed_at or 0:,} (the learning "
+            f"rate follows the {total:,}-step schedule from there)")
   if resumed_at is not None:
     if resumed_at >= total:
       return f"pretraining: already done ({resumed_at:,} steps)"

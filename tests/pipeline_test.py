@@ -1,6 +1,7 @@
 """Tests for supcon_tf.pipeline: the stages as a library call."""
 
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -93,6 +94,20 @@ def test_contrastive_run_retrieves_in_both_spaces(tmp_path):
   head = projection.get_layer(index=-1)
   np.testing.assert_array_equal(head.projection.kernel.numpy(),
                                 reader.get_tensor(key))
+
+
+def test_a_longer_rerun_extends_the_run_and_the_report_says_so(tmp_path):
+  workdir = str(tmp_path / "run")
+  linear = config_lib.LinearEvalConfig(epochs=1, batch_size=8)
+  with conftest.mock_tfds(tmp_path, num_examples=16, num_train=20):
+    first = pipeline.run("pretrain", workdir, train=tiny_train("supcon"),
+                         linear=linear, verbose=False)
+    longer = dataclasses.replace(tiny_train("supcon"), steps=3)
+    report = pipeline.run("pretrain", workdir, train=longer, linear=linear,
+                          verbose=False)
+  assert "extended_from_steps" not in first["pretrain"]
+  assert report["pretrain"]["steps"] == 3
+  assert report["pretrain"]["extended_from_steps"] == 2
 
 
 @pytest.mark.parametrize("failure", ["enospc", "file_size_limit"])

@@ -332,6 +332,64 @@ def test_resume_with_changed_config_is_refused(tmp_path):
         str(tmp_path), dataset_fn=synthetic_dataset_fn, verbose=False)
 
 
+def _weights(workdir, config):
+  encoder = pretrained.restore_encoder(str(workdir), config,
+                                       (IMAGE, IMAGE, 3))
+  return [w.numpy() for w in encoder.weights]
+
+
+def test_a_finished_run_extended_continues_as_the_longer_run(tmp_path,
+                                                             capsys):
+  # Constant learning rate: the extended run must equal a run planned
+  # 4 steps long from the start, bit for bit (same state, same stream).
+  short = tiny_config(steps=2, deterministic=True, schedule="constant")
+  long = tiny_config(steps=4, deterministic=True, schedule="constant")
+  straight, extended = tmp_path / "straight", tmp_path / "extended"
+  train_lib.pretrain(long, str(straight), dataset_fn=synthetic_dataset_fn,
+                     verbose=False)
+  train_lib.pretrain(short, str(extended), dataset_fn=synthetic_dataset_fn,
+                     verbose=False)
+  capsys.readouterr()
+  result = train_lib.pretrain(long, str(extended),
+                              dataset_fn=synthetic_dataset_fn)
+  assert (result.step, result.extended_from) == (4, 2)
+  assert "pretraining: the 2-step run is now 4 steps, continued from step 2" \
+      in capsys.readouterr().out
+  for x, y in zip(_weights(straight, long), _weights(extended, long)):
+    np.testing.assert_array_equal(x, y)
+  assert rundir.load_config(str(extended)) == long
+  # Rerun at the new length: nothing to extend, nothing trained.
+  again = train_lib.pretrain(long, str(extended),
+                             dataset_fn=synthetic_dataset_fn, verbose=False)
+  assert (again.step, again.extended_from) == (4, None)
+  # Shorter than what is trained: refused, the stored run untouched.
+  stored = (extended / "config.json").read_bytes()
+  with pytest.raises(rundir.TrainingError,
+                     match="already trained 4 steps, more than the 3"):
+    train_lib.pretrain(tiny_config(steps=3, deterministic=True,
+                                   schedule="constant"),
+                       str(extended), dataset_fn=synthetic_dataset_fn,
+                       verbose=False)
+  assert (extended / "config.json").read_bytes() == stored
+
+
+def test_an_extended_cosine_run_follows_the_longer_schedule(tmp_path):
+  straight, extended = tmp_path / "straight", tmp_path / "extended"
+  config = tiny_config(steps=4, steps_per_loop=1)
+  train_lib.pretrain(config, str(straight), dataset_fn=synthetic_dataset_fn,
+                     verbose=False)
+  for steps in (2, 4):
+    train_lib.pretrain(tiny_config(steps=steps, steps_per_loop=1),
+                       str(extended), dataset_fn=synthetic_dataset_fn,
+                       verbose=False)
+  want = plots.read_scalars(str(straight / "train"))["learning_rate"]
+  got = plots.read_scalars(str(extended / "train"))["learning_rate"]
+  # Steps 1-2 followed the 2-step cosine (0 at its end); 3-4 the 4-step one.
+  assert got[0].tolist() == [1, 2, 3, 4]
+  assert got[1][1] == 0.0 and want[1][1] > 0.0
+  np.testing.assert_allclose(got[1][2:], want[1][2:], rtol=1e-6)
+
+
 def _free_port():
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
