@@ -141,21 +141,8 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
   logging.info("kNN top-1 (k=%d, %d neighbours, %d test images): %.4f",
                k_used, len(train_labels), len(test_labels), knn_top1)
 
-  # Tiny galleries (smoke tests) drop the k they cannot reach.
-  recall_at = [k for k in retrieval.DEFAULT_RECALL_AT
-               if k <= len(train_labels)]
-  spaces = {"encoder": retrieval.retrieval_metrics(
-      test_features, test_labels, train_features, train_labels,
-      recall_at=recall_at)}
-  if projection is not None:
-    spaces["projection"] = retrieval.retrieval_metrics(
-        *knn.embed(projection, test), *knn.embed(projection, train),
-        recall_at=recall_at)
-  rundir.atomic_write(rundir.retrieval_path(workdir),
-                      json.dumps(spaces, indent=2, sort_keys=True))
-  for space, result in spaces.items():
-    logging.info("retrieval in the %s space: recall@1 %.4f, mAP@R %.4f",
-                 space, result["recall@1"], result["map@r"])
+  spaces = _retrieval(workdir, (test_features, test_labels),
+                      (train_features, train_labels), projection, test, train)
 
   plots.plot_embeddings(
       test_features, test_labels, plot_path("embeddings.png"),
@@ -181,3 +168,26 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
       "plots": written,
       "notes": notes,
   }
+
+
+def _retrieval(workdir, queries, gallery, projection, test, train):
+  """`retrieval.json`: both spaces' metrics, written and returned.
+
+  `queries` and `gallery` are `(features, labels)` in the encoder's space;
+  with a `projection`, its space is embedded from the `test` and `train`
+  datasets.
+  """
+  # Tiny galleries (smoke tests) drop the k they cannot reach.
+  recall_at = [k for k in retrieval.DEFAULT_RECALL_AT if k <= len(gallery[1])]
+  spaces = {"encoder": retrieval.retrieval_metrics(*queries, *gallery,
+                                                   recall_at=recall_at)}
+  if projection is not None:
+    spaces["projection"] = retrieval.retrieval_metrics(
+        *knn.embed(projection, test), *knn.embed(projection, train),
+        recall_at=recall_at)
+  rundir.atomic_write(rundir.retrieval_path(workdir),
+                      json.dumps(spaces, indent=2, sort_keys=True))
+  for space, result in spaces.items():
+    logging.info("retrieval in the %s space: recall@1 %.4f, mAP@R %.4f",
+                 space, result["recall@1"], result["map@r"])
+  return spaces

@@ -86,7 +86,8 @@ class Trainer:
         self.encoder = encoder or models.build_encoder(
             config.model, input_shape=tuple(input_shape),
             num_replicas=strategy.num_replicas_in_sync)
-        self.head = self.objective.build_head(config.model, num_classes)
+        self.head = self.objective.build_head(
+            config.model, num_classes, strategy.num_replicas_in_sync)
         self.head.build(self.encoder.output_shape)
         optimizer = optimizers.build_optimizer(
             config.optimizer, global_batch_size=config.batch_size,
@@ -289,11 +290,10 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
       config.keep_checkpoints)
   restored = saver.restore()
   step = int(trainer.step.numpy())
-  extended_from = _change_length(workdir, config, trainer.total_steps, step,
-                                 steps_per_epoch, saver.chief)
   # Only now: a run that fails on its data or on a foreign checkpoint leaves
   # no config.json behind to refuse the corrected command.
-  rundir.check_resumable(workdir, config)
+  extended_from = _store_config(workdir, config, trainer.total_steps, step,
+                                steps_per_epoch)
   if restored and verbose:
     logging.info("Resumed from %s at step %d.", restored, step)
   iterator = iter(strategy.distribute_datasets_from_function(
@@ -340,14 +340,15 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
                      extended_from=extended_from)
 
 
-def _change_length(workdir, config, total, step, steps_per_epoch, chief):
-  """Lets a resumed run become longer or shorter; returns its old length.
+def _store_config(workdir, config, total, step, steps_per_epoch):
+  """Writes `config.json`, or checks that the run resumes the stored one.
 
-  The new length must cover the steps already trained. The run then
-  continues as a run of the new length planned from the start would: the
-  data stream goes on where it stopped, and the learning rate follows the
-  new length's schedule from `step` on (for a finished cosine run, a warm
-  restart). The stored config becomes the new one.
+  The run's length may change (`rundir.LENGTH_FIELDS`) if the new length
+  covers the steps already trained. The run then continues as a run of the
+  new length planned from the start would: the data stream goes on where it
+  stopped, and the learning rate follows the new length's schedule from
+  `step` on (for a finished cosine run, a warm restart). The stored config
+  becomes the new one.
 
   Returns:
     The stored run's length in steps when it differs from `total`, else
@@ -357,11 +358,10 @@ def _change_length(workdir, config, total, step, steps_per_epoch, chief):
     TrainingError: `total` is below `step`.
   """
   path = os.path.join(workdir, rundir.CONFIG_FILE)
-  if not tf.io.gfile.exists(path):
-    return None
-  stored = rundir.load_config(workdir)
-  if all(getattr(stored, f) == getattr(config, f)
-         for f in rundir.LENGTH_FIELDS):
+  stored = rundir.load_config(workdir) if tf.io.gfile.exists(path) else None
+  if stored is None or all(getattr(stored, f) == getattr(config, f)
+                           for f in rundir.LENGTH_FIELDS):
+    rundir.check_resumable(workdir, config)
     return None
   if total < step:
     raise rundir.TrainingError(
@@ -369,8 +369,8 @@ def _change_length(workdir, config, total, step, steps_per_epoch, chief):
         f"{total:,} asked for (steps={config.steps!r}, "
         f"epochs={config.epochs!r}): ask for at least {step:,} steps, or use "
         "a new work dir.")
-  if chief:
-    rundir.atomic_write(path, config_lib.to_json(config))
+  # Every worker, like check_resumable: the same bytes, written atomically.
+  rundir.atomic_write(path, config_lib.to_json(config))
   stored_total = total_steps(stored, steps_per_epoch)
   return stored_total if stored_total != total else None
 

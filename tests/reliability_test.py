@@ -981,8 +981,9 @@ def test_smoke_run_prints_stages_and_a_table(tmp_path):
       "warm-up shortened from 20 to 0 steps to fit the run",
       "linear evaluation: 1 learning rate x 1 epoch (batch 256)",
       f"exported to {workdir / 'export' / '1'}",
-      "evaluation: k-NN accuracy, plots",
+      "evaluation: k-NN accuracy, retrieval, plots",
   ]
+  assert (workdir / "retrieval.json").is_file()
   report = json.loads((workdir / "report.json").read_text())
   table = cli.summary_table(report, str(workdir)).splitlines()
   assert lines[-len(table) - 1:-1] == [line.strip() for line in table]
