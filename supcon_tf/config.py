@@ -29,7 +29,7 @@ CENTER_CROP_MIN_SIZE = 128
 OPTIMIZERS = ("sgd", "lars", "adamw", "lamb")
 LR_SCHEDULES = ("cosine", "constant")
 STEMS = ("cifar", "imagenet")
-HEADS = ("mlp", "linear")
+HEADS = ("mlp", "mlp_bn", "linear")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 # "auto": mixed_bfloat16 where the hardware has bfloat16, else float32.
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
@@ -144,7 +144,8 @@ class ModelConfig:
     encoder: `resnet{18,34,50,101,152,200}`.
     stem: `cifar` (3x3 stride 1, no max-pool) or `imagenet` (7x7/2 + pool).
     width: channel multiplier of the ResNet.
-    head: `mlp` or `linear` projection head.
+    head: `mlp`, `mlp_bn` (batch norm before the hidden ReLU) or `linear`
+      projection head.
     head_hidden: hidden width of the MLP head (None = representation width).
     projection_dim: output width of the head (L2-normalised).
     sync_batch_norm: None = synchronised exactly when there are several

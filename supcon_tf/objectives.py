@@ -77,10 +77,10 @@ class Objective:
   metric_names = CONTRASTIVE_METRICS
 
   def build_head(self, model_config: config_lib.ModelConfig,
-                 num_classes: int) -> keras.layers.Layer:
+                 num_classes: int, num_replicas: int = 1) -> keras.layers.Layer:
     """The layer on the encoder's representation: a projection head."""
     del num_classes
-    return models.build_head(model_config)
+    return models.build_head(model_config, num_replicas)
 
   def num_views(self, available: int) -> int:
     """Views per sample this method trains on, of `available`."""
@@ -146,8 +146,8 @@ class CrossEntropy(Objective):
   one_view = True
   metric_names = ("loss", "accuracy")
 
-  def build_head(self, model_config, num_classes):
-    del model_config
+  def build_head(self, model_config, num_classes, num_replicas=1):
+    del model_config, num_replicas
     return ce_head(num_classes)
 
   def terms(self, outputs, labels, *, loss_config, num_classes, memory=None):

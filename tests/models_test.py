@@ -227,6 +227,7 @@ def test_encoder_mixed_precision(mixed_bfloat16):
 @pytest.mark.parametrize("kind,hidden_dim,kernels", [
     ("mlp", None, [(24, 24), (24, 8)]),
     ("mlp", 16, [(24, 16), (16, 8)]),
+    ("mlp_bn", 16, [(24, 16), (16, 8)]),
     ("linear", None, [(24, 8)]),
 ])
 def test_head_shapes_and_unit_norm(kind, hidden_dim, kernels):
@@ -267,6 +268,41 @@ def test_head_projection_runs_in_float32(mixed_bfloat16, kind):
        + head.projection.bias.numpy())
   want = y / np.linalg.norm(y, axis=-1, keepdims=True)
   np.testing.assert_allclose(z, want, rtol=1e-5, atol=1e-6)
+
+
+def test_mlp_bn_head_centres_the_hidden_layer_in_training():
+  """Inputs that all point one way still give spread embeddings."""
+  head = models.ProjectionHead(kind="mlp_bn", hidden_dim=32, output_dim=8)
+  rng = np.random.default_rng(5)
+  # Post-ReLU features of a fresh network: a large shared part, small spread.
+  x = (5.0 + 0.1 * rng.normal(size=(64, 24))).astype("float32")
+  head.build(x.shape)
+  assert head.hidden is not None and not head.hidden.use_bias
+  hidden = np.asarray(head.hidden_norm(head.hidden(x), training=True))
+  np.testing.assert_allclose(hidden.mean(axis=0), 0.0, atol=1e-4)
+  # Unit variance up to batch norm's epsilon against this small spread.
+  assert np.all((hidden.std(axis=0) > 0.5) & (hidden.std(axis=0) < 1.0))
+  z = np.asarray(head(x, training=True))
+  cosine = z @ z.T
+  plain = models.ProjectionHead(kind="mlp", hidden_dim=32, output_dim=8)
+  z_plain = np.asarray(plain(x))
+  off = ~np.eye(len(x), dtype=bool)
+  assert cosine[off].mean() < 0.5 < (z_plain @ z_plain.T)[off].mean()
+  # Inference uses the moving statistics, which one call has barely moved.
+  assert not np.allclose(np.asarray(head(x, training=False)), z)
+
+
+def test_build_head_synchronises_batch_norm_with_replicas():
+  config = config_lib.ModelConfig(head="mlp_bn")
+  assert not models.build_head(config).sync_batch_norm
+  assert models.build_head(config, num_replicas=2).sync_batch_norm
+  forced = config_lib.ModelConfig(head="mlp_bn", sync_batch_norm=False)
+  assert not models.build_head(forced, num_replicas=2).sync_batch_norm
+  head = models.build_head(config, num_replicas=2)
+  head.build((None, 8))
+  assert head.hidden_norm.synchronized
+  clone = models.ProjectionHead.from_config(head.get_config())
+  assert clone.sync_batch_norm
 
 
 def test_head_zero_vector_is_finite():

@@ -58,19 +58,21 @@ def build_encoder(config: config_lib.ModelConfig,
     raise ValueError(
         f"Unknown encoder {config.encoder!r}; use one of {valid} or pass your "
         "own keras.Model as the encoder.")
-  sync = config.sync_batch_norm
-  if sync is None:
-    sync = num_replicas > 1
   return resnet(int(match.group(1)), stem=config.stem, width=config.width,
-                input_shape=input_shape, sync_batch_norm=sync,
+                input_shape=input_shape,
+                sync_batch_norm=_sync_batch_norm(config, num_replicas),
                 name=config.encoder)
 
 
-def build_head(config: config_lib.ModelConfig) -> ProjectionHead:
+def build_head(config: config_lib.ModelConfig,
+               num_replicas: int = 1) -> ProjectionHead:
   """Builds the projection head described by `config`.
 
   Args:
-    config: model configuration (`head`, `head_hidden`, `projection_dim`).
+    config: model configuration (`head`, `head_hidden`, `projection_dim`,
+      `sync_batch_norm`).
+    num_replicas: replicas of the distribution strategy; batch norm in the
+      head is synchronised like the encoder's (see `build_encoder`).
 
   Returns:
     An unbuilt `ProjectionHead` mapping `[batch, rep_dim]` to unit-norm
@@ -78,7 +80,15 @@ def build_head(config: config_lib.ModelConfig) -> ProjectionHead:
   """
   return ProjectionHead(kind=config.head, hidden_dim=config.head_hidden,
                         output_dim=config.projection_dim,
+                        sync_batch_norm=_sync_batch_norm(config, num_replicas),
                         name="projection_head")
+
+
+def _sync_batch_norm(config: config_lib.ModelConfig, num_replicas: int) -> bool:
+  """`config.sync_batch_norm`, where None means: with several replicas."""
+  if config.sync_batch_norm is None:
+    return num_replicas > 1
+  return config.sync_batch_norm
 
 
 def embed_views(encoder, head, views, training=None):
