@@ -10,12 +10,18 @@ import re
 import sys
 import tempfile
 
-# What TensorFlow's C++ runtime prints at start-up on a machine without a
-# GPU (absl's pre-init notice, the CUDA driver probes): noise for the user.
+# What TensorFlow's C++ runtime prints at start-up whatever the run does:
+# absl's pre-init notice, the CUDA driver probes of a machine without a GPU,
+# the oneDNN notice (INFO, yet printed twice during the import even at
+# TF_CPP_MIN_LOG_LEVEL=1, TensorFlow 2.21) and the CPU-instruction notice
+# (INFO, two lines). Noise for the user; warnings and errors are not in it.
 STARTUP_NOISE = re.compile(
     r"All log messages before absl::InitializeLog\(\) is called"
     r"|cudart_stub\.cc:\d+\] Could not find cuda drivers"
-    r"|cuda_platform\.cc:\d+\] failed call to cuInit")
+    r"|cuda_platform\.cc:\d+\] failed call to cuInit"
+    r"|port\.cc:\d+\] oneDNN custom operations are on"
+    r"|cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized"
+    r"|^To enable the following instructions: .*rebuild TensorFlow with")
 
 
 def import_tensorflow():

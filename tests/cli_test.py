@@ -208,6 +208,41 @@ print("after import", file=sys.stderr)
           if not tf_startup.STARTUP_NOISE.search(l)] == [real]
 
 
+def test_tensorflow_notices_are_startup_noise():
+  # TensorFlow 2.21 prints the oneDNN notice twice while it is imported,
+  # even at TF_CPP_MIN_LOG_LEVEL=1; other builds print the CPU notice.
+  noise = ("I0000 00:00:1796585920.885242   11139 port.cc:153] oneDNN custom "
+           "operations are on. You may see slightly different numerical "
+           "results due to floating-point round-off errors from different "
+           "computation orders. To turn them off, set the environment "
+           "variable `TF_ENABLE_ONEDNN_OPTS=0`.\n"
+           "I0000 00:00:1.2 3 cpu_feature_guard.cc:210] This TensorFlow binary"
+           " is optimized to use available CPU instructions in "
+           "performance-critical operations.\n"
+           "To enable the following instructions: AVX2 AVX512F FMA, in other "
+           "operations, rebuild TensorFlow with the appropriate compiler "
+           "flags.\n")
+  real = ("W0000 00:00:1.2 3 port.cc:160] oneDNN custom operations failed\n"
+          "E0000 00:00:1.2 3 cpu_feature_guard.cc:80] This TensorFlow binary "
+          "was compiled to use AVX, which this CPU lacks\n"
+          "To enable the GPU, install its drivers\n")
+  assert [l for l in (noise + real).splitlines(True)
+          if not tf_startup.STARTUP_NOISE.search(l)] == real.splitlines(True)
+
+
+def test_stage_error_on_an_empty_workdir_is_one_line(tmp_path):
+  """TensorFlow is imported (the error is a stage's) and prints nothing."""
+  env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+  result = python("-m", "supcon_tf", "--mode=linear_eval",
+                  f"--workdir={tmp_path}", env=env)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert len(result.stderr.splitlines()) == 1, result.stderr[-3000:]
+  assert result.stderr.startswith(
+      "supcon-tf: error: no pretraining checkpoint in "), result.stderr
+  assert result.stdout == ""
+  assert not list(tmp_path.iterdir())  # Left as it was.
+
+
 def _our_flags():
   names = {f.name for f in cli.FLAGS.flags_by_module_dict()[cli.__name__]}
   return names - {"help", "helpshort"}
