@@ -41,8 +41,8 @@ flags.DEFINE_string("workdir", None, "Directory of the run (resumed if it "
 flags.DEFINE_string("dataset", _TRAIN.data.dataset,
                     "TFDS name or folder:<path>.")
 flags.DEFINE_string(
-    "data_dir", _TRAIN.data.data_dir, "TFDS data dir with the prepared "
-    "dataset (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).")
+    "data_dir", _TRAIN.data.data_dir, "TFDS data dir of the prepared "
+    "dataset. Unset: $TFDS_DATA_DIR, else ~/tensorflow_datasets.")
 flags.DEFINE_enum("method", _TRAIN.method, config_lib.METHODS,
                   "Training method.")
 flags.DEFINE_string("encoder", _TRAIN.model.encoder,
@@ -57,31 +57,29 @@ flags.DEFINE_integer("image_size", _TRAIN.data.image_size,
                      "Encoder input size.")
 flags.DEFINE_integer("num_views", _TRAIN.data.num_views, "Views per image.")
 flags.DEFINE_enum("augmentation", _TRAIN.data.augmentation,
-                  config_lib.AUGMENTATIONS, "View augmentation policy.")
+                  config_lib.AUGMENTATIONS, "Augmentation of the views.")
 flags.DEFINE_bool("blur", _TRAIN.data.blur,
                   "Gaussian blur in the SimCLR policy.")
 flags.DEFINE_enum(
     "crop_sampling", _TRAIN.data.crop_sampling, config_lib.CROP_SAMPLINGS,
-    "Random-resized-crop box: simclr (SimCLR's TF code, crop "
-    "height uniform) or torchvision (area uniform).")
+    "Random-resized-crop sampling. simclr: SimCLR's TF code (crop "
+    "height uniform); torchvision: area uniform.")
 flags.DEFINE_enum(
     "eval_crop", _TRAIN.data.eval_crop, config_lib.EVAL_CROPS,
-    "Evaluation/serving images: center (short side to "
-    "size/0.875, centre crop), resize (whole image) or auto "
-    f"(center from --image_size="
-    f"{config_lib.CENTER_CROP_MIN_SIZE} up).")
+    "Evaluation and serving crop. center: short side to "
+    "size/0.875, centre crop; resize: whole image; auto: center from "
+    f"--image_size={config_lib.CENTER_CROP_MIN_SIZE} up.")
 flags.DEFINE_bool(
-    "skip_corrupt", _TRAIN.data.skip_corrupt, "In folder datasets, skip (and "
-    "count) undecodable image files instead of failing.")
+    "skip_corrupt", _TRAIN.data.skip_corrupt, "Skip undecodable images of "
+    "folder datasets. They are counted; without it one fails the run.")
 flags.DEFINE_float(
     "validation_fraction", _TRAIN.data.validation_fraction,
-    "Share of the training split "
-    "held out for linear-evaluation choices.")
+    "Share of the training split held out. Linear evaluation chooses its "
+    "learning rate and epoch on it.")
 flags.DEFINE_integer(
     "train_examples", _TRAIN.data.train_examples,
-    "Use only the first N examples "
-    "of the training split (after the validation hold-out), "
-    "e.g. for a smoke test or a laptop.")
+    "Use only the first N training examples. Counted after the "
+    "validation hold-out; e.g. for a smoke test or a laptop.")
 flags.DEFINE_integer("batch_size", _TRAIN.batch_size,
                      "Global batch size (samples).")
 flags.DEFINE_float("epochs", _TRAIN.epochs, "Pretraining epochs.")
@@ -97,23 +95,23 @@ flags.DEFINE_enum("denominator", _TRAIN.loss.denominator,
 flags.DEFINE_integer("positives_cap", _TRAIN.loss.positives_cap,
                      "Cap on positive views per anchor.")
 flags.DEFINE_integer(
-    "queue_size", _TRAIN.queue_size, "Memory queue of past keys (rows, one "
-    "per view) added to the contrast set; 0 = off.")
+    "queue_size", _TRAIN.queue_size, "Memory queue of past keys; 0 = off. "
+    "Rows, one per view, added to the contrast set.")
 flags.DEFINE_float(
     "key_encoder_momentum", _TRAIN.key_encoder_momentum,
-    "0: queue keys from the "
+    "EMA momentum of the key encoder. 0: queue keys from the "
     "online encoder (XBM); in (0, 1): from its EMA (MoCo).")
 flags.DEFINE_enum("optimizer", _TRAIN.optimizer.name, config_lib.OPTIMIZERS,
                   "Optimizer.")
 flags.DEFINE_float("learning_rate", _TRAIN.optimizer.learning_rate,
-                   "Base learning rate for batch 256 "
-                   "(scaled by batch/256).")
+                   "Base learning rate for batch 256. Scaled by "
+                   "batch_size/256 unless --nolr_scaling.")
 flags.DEFINE_bool(
     "lr_scaling", _TRAIN.optimizer.scale_by_batch, "Scale --learning_rate by "
-    "batch_size/256; --nolr_scaling uses it as given.")
+    "batch_size/256. --nolr_scaling uses it as given.")
 flags.DEFINE_enum("lr_schedule", _TRAIN.optimizer.schedule,
                   config_lib.LR_SCHEDULES,
-                  "Learning-rate schedule after warm-up.")
+                  "Schedule after the warm-up.")
 flags.DEFINE_float("momentum", _TRAIN.optimizer.momentum, "Momentum.")
 flags.DEFINE_float("weight_decay", _TRAIN.optimizer.weight_decay,
                    "Weight decay.")
@@ -123,7 +121,7 @@ flags.DEFINE_enum("strategy", "default", config_lib.STRATEGIES,
                   "tf.distribute strategy.")
 flags.DEFINE_integer(
     "cpu_devices", 0, "Split the CPU into this many logical "
-    "devices (e.g. to run --strategy=mirrored on a CPU).")
+    "devices. E.g. to run --strategy=mirrored on a CPU.")
 flags.DEFINE_enum(
     "mixed_precision", _TRAIN.precision, config_lib.PRECISIONS,
     "Compute dtype policy. auto = mixed_bfloat16 where the "
@@ -139,16 +137,16 @@ flags.DEFINE_integer("steps_per_loop", _TRAIN.steps_per_loop,
 flags.DEFINE_integer("checkpoint_every", _TRAIN.checkpoint_every,
                      "Steps between checkpoints.")
 flags.DEFINE_multi_string(
-    "set", [], "Set any configuration field, dotted, repeatable: "
-    "--set=loss.block_size=512 --set=loss.scale_by_temperature=false "
-    "(TrainConfig fields; linear.<field> for LinearEvalConfig, "
-    "eval.<field> for EvalConfig).")
+    "set", [], "Set any configuration field, dotted; repeatable. "
+    "TrainConfig fields as they are, linear.<field> for LinearEvalConfig, "
+    "eval.<field> for EvalConfig: --set=loss.block_size=512 "
+    "--set=loss.scale_by_temperature=false --set=linear.epochs=20")
 flags.DEFINE_integer("linear_epochs", _LINEAR.epochs,
                      "Linear-evaluation epochs.")
 flags.DEFINE_list(
     "linear_learning_rates", [str(r) for r in _LINEAR.learning_rates],
-    "Linear-evaluation learning rates, chosen on the "
-    "validation split.")
+    "Linear-evaluation learning rates. The best on the "
+    "validation split is kept.")
 flags.DEFINE_integer("linear_batch_size", _LINEAR.batch_size,
                      "Linear-evaluation batch.")
 flags.DEFINE_bool("linear_augment", _LINEAR.augment,
@@ -158,14 +156,14 @@ flags.DEFINE_bool("robustness",
                   "Measure corruption robustness in the "
                   "report.")
 flags.DEFINE_bool(
-    "json", False, "Print the JSON report on stdout instead of "
-    "the summary table (it is always in <workdir>/report.json); "
-    "progress then goes to stderr.")
+    "json", False, "Print the JSON report, not the summary table. "
+    "It is alone on stdout (progress then goes to stderr) and always in "
+    "<workdir>/report.json.")
 
 FLAGS = flags.FLAGS
 
-# `--help`: our flags, by stage, in this order. `--helpfull` is absl's list
-# of every flag, absl's own included. A new flag goes in one group.
+# `--help` (a line a flag) and `--helpfull` (each description in full): our
+# flags, by stage, in this order. A new flag goes in one group.
 FLAG_GROUPS = (
     ("run", ("mode", "workdir")),
     ("data", ("dataset", "data_dir", "validation_fraction", "train_examples",
@@ -188,11 +186,16 @@ FLAG_GROUPS = (
 )
 
 def grouped_help() -> str:
-  """The text of `--help`: our flags by stage, with their defaults."""
+  """The text of `--help`: our flags by stage, a line each with its default."""
+  return cli_help.short_help(FLAGS, FLAG_GROUPS)
+
+
+def full_help() -> str:
+  """The text of `--helpfull`: our flags by stage, described in full."""
   return cli_help.grouped_help(FLAGS, FLAG_GROUPS)
 
 
-cli_help.install(FLAGS, grouped_help)
+cli_help.install(FLAGS, grouped_help, full_help)
 
 
 class UsageError(ValueError):

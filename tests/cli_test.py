@@ -284,6 +284,35 @@ def test_helpfull_still_lists_everything():
   assert "--batch_size" in result.stdout and "--verbosity" in result.stdout
 
 
+def test_help_fits_a_screen():
+  lines = cli.grouped_help().splitlines()
+  # A three-line header, the group titles, a line a flag, a footer line.
+  assert len(lines) == 3 + len(cli.FLAG_GROUPS) + len(_our_flags()) + 1
+  assert len(lines) <= 64, len(lines)
+  assert "--helpfull" in lines[-1]  # Says where the descriptions are.
+
+
+def test_helpfull_describes_our_flags_by_stage():
+  result = python("-m", "supcon_tf", "--helpfull")
+  text = result.stdout
+  assert text == cli.full_help() + "\n"
+  lines = text.splitlines()
+  assert max(len(line) for line in lines) <= 80
+  starts = [lines.index(f"{title}:") for title, _ in cli.FLAG_GROUPS]
+  assert starts == sorted(starts)
+  # Our flags, each once; absl's (--helpxml, --pdb, --undefok ...) not.
+  shown = re.findall(r"^  -+[\w?]+", text, re.MULTILINE)
+  assert sorted(shown) == sorted(f"  --{name}" for name in _our_flags())
+  assert "absl." not in text and "(default:" not in text
+  # --set reads as our sentence, without absl's "; repeat this option".
+  assert "repeat this option" not in text
+  entry = lines[lines.index("any other setting:") + 1:]
+  entry = " ".join(" ".join(entry[:entry.index("")]).split())
+  assert entry.startswith("--set= Set any configuration field, dotted; "
+                          "repeatable. ")
+  assert entry.endswith(" --set=linear.epochs=20"), entry
+
+
 REPORT = {
     "pretrain": {"method": "supcon", "steps": 1400, "final_loss": 4.56789,
                  "images_per_second": 1234.5, "seconds_this_run": 10.0},
