@@ -30,9 +30,10 @@ class CheckpointSaver:
     self._tmp = None if self.chief else tempfile.mkdtemp(prefix="ckpt-")
     self.manager = tf.train.CheckpointManager(
         checkpoint, directory if self.chief else self._tmp,
-        max_to_keep=max_to_keep)
-    self.reader = tf.train.CheckpointManager(checkpoint, directory,
-                                             max_to_keep=max_to_keep)
+        max_to_keep=max_to_keep, checkpoint_name=rundir.CHECKPOINT_NAME)
+    self.reader = tf.train.CheckpointManager(
+        checkpoint, directory, max_to_keep=max_to_keep,
+        checkpoint_name=rundir.CHECKPOINT_NAME)
 
   def restore(self):
     """Restores the newest readable checkpoint of the chief's directory.
@@ -68,7 +69,7 @@ class CheckpointSaver:
     except (OSError, tf.errors.OpError) as e:
       # Only files of a checkpoint that no index lists: a failure after
       # TF recorded the new checkpoint keeps it.
-      if self.chief and _checkpoint_prefix(directory, step) not in (
+      if self.chief and rundir.checkpoint_prefix(directory, step) not in (
           _listed_checkpoints(directory)):
         _remove_checkpoint_files(directory, step)
       latest = _listed_checkpoints(directory)
@@ -90,10 +91,6 @@ _RESTORE_ERRORS = (AssertionError, IndexError, ValueError, tf.errors.OpError)
 _DAMAGE_MARKERS = ("checksum", "corrupt", "read less bytes", "truncated",
                    "failed to find any matching files", "unable to read file",
                    "data loss")
-
-
-def _checkpoint_prefix(directory: str, step: int) -> str:
-  return os.path.join(directory, f"ckpt-{step}")
 
 
 def _listed_checkpoints(directory: str):
@@ -118,7 +115,7 @@ def _listed_checkpoints(directory: str):
 
 
 def _remove_checkpoint_files(directory: str, step: int) -> None:
-  prefix = _checkpoint_prefix(directory, step)
+  prefix = rundir.checkpoint_prefix(directory, step)
   for path in tf.io.gfile.glob(f"{prefix}.*") + tf.io.gfile.glob(
       f"{prefix}_temp*"):
     try:

@@ -53,9 +53,7 @@ def _first(dataset: tf.data.Dataset, count: Optional[int],
 def _run_name(workdir: str) -> str:
   """The training method of a run (from its config.json), else its folder."""
   try:
-    with tf.io.gfile.GFile(os.path.join(rundir.pretrain_dir(workdir),
-                                        rundir.CONFIG_FILE)) as f:
-      return str(json.load(f)["method"])
+    return str(rundir.load_config(rundir.pretrain_dir(workdir)).method)
   except (OSError, ValueError, KeyError, TypeError, tf.errors.OpError):
     return os.path.basename(os.path.normpath(workdir))
 
@@ -116,14 +114,14 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
 
   def plot_path(name):
     written.append(os.path.join(rundir.PLOTS_DIR, name))
-    return os.path.join(rundir.plots_dir(workdir), name)
+    return rundir.plot_path(workdir, name)
 
   try:
-    plots.plot_training_curves(workdir, os.path.join(
-        rundir.plots_dir(workdir), "training_curves.png"))
-    plot_path("training_curves.png")
+    plots.plot_training_curves(
+        workdir, rundir.plot_path(workdir, rundir.TRAINING_CURVES_PLOT))
+    plot_path(rundir.TRAINING_CURVES_PLOT)
   except ValueError as e:
-    notes.append(f"training_curves.png skipped: {e}")
+    notes.append(f"{rundir.TRAINING_CURVES_PLOT} skipped: {e}")
 
   info = data.dataset_info(data_config)
   test = _first(data.eval_dataset(data_config, "test", batch_size=batch_size),
@@ -145,7 +143,7 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
                       (train_features, train_labels), projection, test, train)
 
   plots.plot_embeddings(
-      test_features, test_labels, plot_path("embeddings.png"),
+      test_features, test_labels, plot_path(rundir.EMBEDDINGS_PLOT),
       class_names=info.class_names, method=config.embedding_method,
       seed=config.seed,
       title=f"{_run_name(workdir)}: {len(test_labels)} test embeddings")
@@ -157,7 +155,7 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
     rundir.atomic_write(rundir.robustness_path(workdir),
                         json.dumps(robustness_result, indent=2))
     plots.plot_robustness({_run_name(workdir): robustness_result},
-                          plot_path("robustness.png"))
+                          plot_path(rundir.ROBUSTNESS_PLOT))
   return {
       "knn_top1": knn_top1,
       "knn_k": k_used,

@@ -18,10 +18,6 @@ import tensorflow as tf
 
 from supcon_tf import rundir
 
-_RUN_FILE = "run.json"
-_STATE_FILE = "state.json"
-_BACKUP_FILE = "backup.json"
-
 
 def fingerprint(encoder: keras.Model) -> str:
   digest = hashlib.sha256()
@@ -34,7 +30,7 @@ def fingerprint(encoder: keras.Model) -> str:
 
 def check_run(backup_root: str, run: Dict[str, Any]) -> None:
   """Starts a resumable run, or checks that it resumes the same one."""
-  path = os.path.join(backup_root, _RUN_FILE)
+  path = os.path.join(backup_root, rundir.LINEAR_RUN_FILE)
   changed = sorted({k.split(".")[0]
                     for k in rundir.changed_settings(path, run)})
   if changed:
@@ -65,8 +61,8 @@ class Selection:
     self.done = [False] * len(learning_rates)
     self.best: Optional[Dict[str, Any]] = None
     self.best_weights = None
-    if directory and tf.io.gfile.exists(self._path(_STATE_FILE)):
-      with tf.io.gfile.GFile(self._path(_STATE_FILE)) as f:
+    if directory and tf.io.gfile.exists(self._path(rundir.LINEAR_STATE_FILE)):
+      with tf.io.gfile.GFile(self._path(rundir.LINEAR_STATE_FILE)) as f:
         state = json.load(f)
       self.history, self.done, self.best = (state["history"], state["done"],
                                             state["best"])
@@ -118,7 +114,7 @@ class Selection:
       return
     epoch = max((r["epoch"] for h in self.history for r in h), default=0)
     with _backup_write(self.directory, epoch):
-      rundir.atomic_write(self._path(_STATE_FILE), json.dumps(
+      rundir.atomic_write(self._path(rundir.LINEAR_STATE_FILE), json.dumps(
           {"history": self.history, "done": self.done, "best": self.best}))
     keep = self.best and self.best.get("weights_file")
     for name in tf.io.gfile.listdir(self.directory):
@@ -149,7 +145,7 @@ class EpochBackup(keras.callbacks.Callback):
 
     Returns 0 and leaves `model` as it is when there is no backup.
     """
-    path = os.path.join(self.directory, _BACKUP_FILE)
+    path = os.path.join(self.directory, rundir.LINEAR_EPOCH_BACKUP_FILE)
     if not tf.io.gfile.exists(path):
       return 0
     with tf.io.gfile.GFile(path) as f:
@@ -171,7 +167,7 @@ class EpochBackup(keras.callbacks.Callback):
         if tf.io.gfile.exists(path):
           tf.io.gfile.remove(path)
         raise
-      rundir.atomic_write(os.path.join(self.directory, _BACKUP_FILE),
+      rundir.atomic_write(os.path.join(self.directory, rundir.LINEAR_EPOCH_BACKUP_FILE),
                           json.dumps({"epochs": epoch + 1, "weights": name}))
     for old in tf.io.gfile.listdir(self.directory):
       if old.endswith(".weights.h5") and old != name:

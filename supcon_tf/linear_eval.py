@@ -36,7 +36,6 @@ iterated.
 
 import dataclasses
 import json
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from absl import logging
@@ -49,7 +48,7 @@ from supcon_tf import data
 from supcon_tf import linear_backup
 from supcon_tf import rundir
 
-RESULT_FILE = "linear_eval.json"
+RESULT_FILE = rundir.LINEAR_EVAL_FILE
 BACKUP_DIR = rundir.LINEAR_BACKUP_DIR
 SELECTED_ON = ("validation", "none")
 
@@ -266,8 +265,8 @@ def _fit_learning_rate(model, dense, index, learning_rate, *, strategy,
   callbacks = [linear_backup.EpochRecorder(selection, index, dense)]
   done = 0
   if backup_root:
-    backup = linear_backup.EpochBackup(os.path.join(backup_root,
-                                                    f"lr{index}"))
+    backup = linear_backup.EpochBackup(
+        rundir.learning_rate_backup_dir(backup_root, index))
     with strategy.scope():  # Optimizer variables made here are mirrored.
       done = backup.restore(model)
     # After the recorder, so that a kill between the two re-runs the epoch
@@ -298,7 +297,7 @@ def _check_selectable(learning_rates, select) -> None:
 def _backup_root(workdir, encoder, data_config, config, datasets,
                  num_classes, cached) -> Optional[str]:
   """The run's backup directory (None without `workdir`), checked to be its."""
-  backup_root = os.path.join(workdir, BACKUP_DIR) if workdir else None
+  backup_root = rundir.linear_backup_dir(workdir) if workdir else None
   if backup_root:
     linear_backup.check_run(backup_root, {
         "config": config_lib.to_dict(config),
@@ -333,7 +332,7 @@ def _test_chosen(classifier, dense, selection, test_dataset, learning_rates,
 def _write_result(workdir, result, config, backup_root) -> None:
   """Writes `linear_eval.json`, then removes the backup it supersedes."""
   rundir.atomic_write(
-      os.path.join(workdir, RESULT_FILE),
+      rundir.linear_result_path(workdir),
       json.dumps(dict(result.to_dict(), config=config_lib.to_dict(config)),
                  indent=2, sort_keys=True))
   tf.io.gfile.rmtree(backup_root)

@@ -66,11 +66,11 @@ def check_prerequisites(mode: str, workdir: str) -> None:
   except (ValueError, tf.errors.OpError):
     state = None  # An unreadable index: as good as none.
   listed = [] if state is None else state.all_model_checkpoint_paths
-  if not any(os.path.exists(os.path.join(
-      checkpoints, f"{os.path.basename(p)}.index")) for p in listed):
+  if not any(os.path.exists(rundir.checkpoint_index_path(os.path.join(
+      checkpoints, os.path.basename(p)))) for p in listed):
     raise ValueError(f"no pretraining checkpoint in {checkpoints}: run "
                      "--mode=pretrain (or all) first.")
-  config_path = os.path.join(pretrain_dir, rundir.CONFIG_FILE)
+  config_path = rundir.config_path(pretrain_dir)
   if not os.path.exists(config_path):
     raise ValueError(f"no pretraining configuration {config_path} beside "
                      "the checkpoints: run --mode=pretrain (or all) first.")

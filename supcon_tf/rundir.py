@@ -1,14 +1,24 @@
 """The run directory: its layout, atomic writes and "is this the same run?".
 
-Layout of a work dir (every stage reads and writes only these names):
+Layout of a work dir (every stage reads and writes only these names, and
+only this module spells them):
 
-    <workdir>/report.json                  summary of every stage (cli)
-    <workdir>/pretrain/config.json         the pretraining `TrainConfig`
-    <workdir>/pretrain/checkpoints/        encoder checkpoints
-    <workdir>/pretrain/train/              TensorBoard events
-    <workdir>/linear_eval/classifier.keras the linear classifier
-    <workdir>/linear_eval/linear_backup/   crash-safe linear-eval state
-    <workdir>/export/                      the SavedModel
+    <workdir>/report.json                     summary of every stage (cli)
+    <workdir>/pretrain/config.json            the pretraining `TrainConfig`
+    <workdir>/pretrain/checkpoints/ckpt-<step>.*  encoder checkpoints
+    <workdir>/pretrain/train/                 TensorBoard events
+    <workdir>/linear_eval/classifier.keras    the linear classifier
+    <workdir>/linear_eval/linear_eval.json    the linear evaluation's result
+    <workdir>/linear_eval/linear_backup/      crash-safe linear-eval state,
+        run.json (its settings), state.json (records and selection),
+        best-*.npz (the best weights), lr<i>/backup.json and lr<i>/*.weights.h5
+        (the epoch backup of learning rate i); removed once finished
+    <workdir>/export/                         the SavedModel
+    <workdir>/retrieval.json                  Recall@k and mAP@R (evaluate)
+    <workdir>/robustness.json                 corruption robustness (evaluate)
+    <workdir>/plots/training_curves.png       figures (evaluate)
+    <workdir>/plots/embeddings.png
+    <workdir>/plots/robustness.png
 
 Imports only `config`, so that every stage (training, linear evaluation,
 evaluation, plots, the CLI) can use it without importing the others.
@@ -36,6 +46,18 @@ LINEAR_BACKUP_DIR = "linear_backup"
 PLOTS_DIR = "plots"
 ROBUSTNESS_FILE = "robustness.json"
 RETRIEVAL_FILE = "retrieval.json"
+LINEAR_EVAL_FILE = "linear_eval.json"
+# Under LINEAR_BACKUP_DIR.
+LINEAR_RUN_FILE = "run.json"
+LINEAR_STATE_FILE = "state.json"
+LINEAR_EPOCH_BACKUP_FILE = "backup.json"
+# Under PLOTS_DIR.
+TRAINING_CURVES_PLOT = "training_curves.png"
+EMBEDDINGS_PLOT = "embeddings.png"
+ROBUSTNESS_PLOT = "robustness.png"
+# Checkpoint `<CHECKPOINT_NAME>-<step>` is the files `<prefix>.index`, ...
+CHECKPOINT_NAME = "ckpt"
+CHECKPOINT_INDEX_SUFFIX = ".index"
 
 # Fields that may change between a run and its resumption without changing
 # the experiment.
@@ -74,8 +96,43 @@ def checkpoints_dir(run_dir: str) -> str:
   return os.path.join(run_dir, CHECKPOINTS_DIR)
 
 
+def checkpoint_prefix(directory: str, step: int) -> str:
+  """The path prefix of the checkpoint of `step` in a checkpoints directory."""
+  return os.path.join(directory, f"{CHECKPOINT_NAME}-{step}")
+
+
+def checkpoint_index_path(prefix: str) -> str:
+  """The index file of a checkpoint path prefix (written last by TF)."""
+  return f"{prefix}{CHECKPOINT_INDEX_SUFFIX}"
+
+
+def config_path(run_dir: str, name: str = CONFIG_FILE) -> str:
+  """The stored configuration of a stage directory (`<workdir>/pretrain`)."""
+  return os.path.join(run_dir, name)
+
+
 def events_dir(workdir: str) -> str:
-  return os.path.join(workdir, PRETRAIN_DIR, EVENTS_DIR)
+  return run_events_dir(pretrain_dir(workdir))
+
+
+def run_events_dir(run_dir: str) -> str:
+  """TensorBoard events of a pretraining directory (`<workdir>/pretrain`)."""
+  return os.path.join(run_dir, EVENTS_DIR)
+
+
+def linear_result_path(linear_dir: str) -> str:
+  """`linear_dir` is a linear-eval directory (`<workdir>/linear_eval`)."""
+  return os.path.join(linear_dir, LINEAR_EVAL_FILE)
+
+
+def linear_backup_dir(linear_dir: str) -> str:
+  """`linear_dir` is a linear-eval directory (`<workdir>/linear_eval`)."""
+  return os.path.join(linear_dir, LINEAR_BACKUP_DIR)
+
+
+def learning_rate_backup_dir(backup_root: str, index: int) -> str:
+  """The epoch backup of the `index`-th learning rate in `linear_backup/`."""
+  return os.path.join(backup_root, f"lr{index}")
 
 
 def first_line(error: BaseException) -> str:
@@ -100,6 +157,11 @@ def check_writable(workdir: str) -> None:
 
 def plots_dir(workdir: str) -> str:
   return os.path.join(workdir, PLOTS_DIR)
+
+
+def plot_path(workdir: str, name: str) -> str:
+  """A figure's path: `name` is one of the `*_PLOT` file names."""
+  return os.path.join(workdir, PLOTS_DIR, name)
 
 
 def robustness_path(workdir: str) -> str:
@@ -200,7 +262,7 @@ def check_resumable(workdir: str, config: config_lib.TrainConfig,
       field other than `RESUMABLE_CHANGES`; the message names each field
       (nested ones dotted, e.g. `loss.temperature`).
   """
-  path = os.path.join(workdir, name)
+  path = config_path(workdir, name)
   if tf.io.gfile.exists(path):
     changed = changed_settings(path, json.loads(config_lib.to_json(config)),
                                ignore=RESUMABLE_CHANGES + tuple(ignore),
@@ -219,5 +281,5 @@ def check_resumable(workdir: str, config: config_lib.TrainConfig,
 
 def load_config(workdir: str, name: str = CONFIG_FILE):
   """The `TrainConfig` stored in a pretraining directory."""
-  with tf.io.gfile.GFile(os.path.join(workdir, name)) as f:
+  with tf.io.gfile.GFile(config_path(workdir, name)) as f:
     return config_lib.from_dict(config_lib.TrainConfig, json.load(f))

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from typing import Callable, Optional
 
@@ -303,7 +302,7 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
                       step if restored else None,
                       epochs_known=dataset_fn is None,
                       extended_from=extended_from), flush=True)
-  writer = (tf.summary.create_file_writer(os.path.join(workdir, "train"))
+  writer = (tf.summary.create_file_writer(rundir.run_events_dir(workdir))
             if saver.chief else tf.summary.create_noop_writer())
   progress = keras.utils.Progbar(trainer.total_steps, verbose=int(verbose),
                                  stateful_metrics=["loss", "lr", "img/s"],
@@ -357,7 +356,7 @@ def _store_config(workdir, config, total, step, steps_per_epoch):
   Raises:
     TrainingError: `total` is below `step`.
   """
-  path = os.path.join(workdir, rundir.CONFIG_FILE)
+  path = rundir.config_path(workdir)
   stored = rundir.load_config(workdir) if tf.io.gfile.exists(path) else None
   if stored is None or all(getattr(stored, f) == getattr(config, f)
                            for f in rundir.LENGTH_FIELDS):

@@ -21,6 +21,21 @@ def test_layout_paths():
   assert rundir.checkpoints_dir("p") == os.path.join("p", "checkpoints")
 
 
+def test_stage_file_paths():
+  assert rundir.config_path("p") == os.path.join("p", "config.json")
+  assert rundir.run_events_dir("p") == os.path.join("p", "train")
+  assert rundir.checkpoint_prefix("c", 7) == os.path.join("c", "ckpt-7")
+  assert rundir.checkpoint_index_path("c/ckpt-7") == "c/ckpt-7.index"
+  assert rundir.linear_result_path("l") == os.path.join(
+      "l", "linear_eval.json")
+  assert rundir.linear_backup_dir("l") == os.path.join("l", "linear_backup")
+  assert rundir.learning_rate_backup_dir("b", 2) == os.path.join("b", "lr2")
+  assert rundir.plot_path("w", rundir.EMBEDDINGS_PLOT) == os.path.join(
+      "w", "plots", "embeddings.png")
+  assert rundir.robustness_path("w") == os.path.join("w", "robustness.json")
+  assert rundir.retrieval_path("w") == os.path.join("w", "retrieval.json")
+
+
 def test_atomic_write_text_and_bytes(tmp_path):
   path = str(tmp_path / "f")
   rundir.atomic_write(path, "old")
