@@ -121,6 +121,34 @@ def test_simclr_queue_rows_are_negatives(denominator, block_size):
   np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+# contrast_mode x summation x denominator, every combination.
+_MODES = list(itertools.product(("all", "one"), ("out", "in"),
+                                ("all", "one_positive", "only_negatives")))
+
+
+@pytest.mark.parametrize("contrast_mode,summation,denominator", _MODES)
+@pytest.mark.parametrize("block_size", [0, 2])
+def test_simclr_queue_rows_are_negatives_in_every_mode(
+    contrast_mode, summation, denominator, block_size):
+  # labels=None: a sample's only positives are its own other views; every
+  # filled queue row is a negative, whatever its label.
+  features, _, queue, queue_labels = _case(seed=1)
+  kwargs = dict(temperature=0.5, contrast_mode=contrast_mode,
+                summation=summation, denominator=denominator)
+  expected, expected_valid = reference_queue(features, None, queue,
+                                             queue_labels, **kwargs)
+  assert expected_valid.all()
+  loss, valid = losses.supcon_terms(
+      features, None, queue_features=queue, queue_labels=queue_labels,
+      block_size=block_size, **kwargs)
+  np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(valid.numpy(), expected_valid)
+  mean = losses.supcon_loss(features, None, queue_features=queue,
+                            queue_labels=queue_labels, block_size=block_size,
+                            **kwargs)
+  np.testing.assert_allclose(mean.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_queue_changes_the_loss():
   features, labels, queue, queue_labels = _case(seed=2)
   with_queue = losses.supcon_loss(features, labels, queue_features=queue,
@@ -162,6 +190,56 @@ def test_gradient_matches_float64_reference(summation, denominator, cap,
     up[index] += eps
     down[index] -= eps
     numeric[index] = (ref(up) - ref(down)) / (2 * eps)
+  np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-4)
+
+
+def _numeric_gradient(fn, base, eps=1e-6):
+  """Central differences of the float64 scalar `fn` at `base` (float64)."""
+  numeric = np.zeros_like(base)
+  for index in np.ndindex(base.shape):
+    up, down = base.copy(), base.copy()
+    up[index] += eps
+    down[index] -= eps
+    numeric[index] = (fn(up) - fn(down)) / (2 * eps)
+  return numeric
+
+
+@pytest.mark.parametrize("contrast_mode,summation,denominator", _MODES)
+@pytest.mark.parametrize("labels_kind,cap", [("ids", None), ("ids", 2),
+                                             ("none", None)])
+@pytest.mark.parametrize("block_size", [0, 2])
+def test_gradient_matches_float64_reference_in_every_mode(
+    contrast_mode, summation, denominator, labels_kind, cap, block_size):
+  # labels_kind="none": labels=None, every filled queue row a negative.
+  features, labels, queue, queue_labels = _case(seed=3)
+  labels = labels if labels_kind == "ids" else None
+  kwargs = dict(temperature=0.5, contrast_mode=contrast_mode,
+                summation=summation, denominator=denominator,
+                positives_cap=cap)
+  weights = np.random.default_rng(4).uniform(0.5, 1.5, len(features))
+  x = tf.constant(features)
+  q = tf.constant(queue)
+  with tf.GradientTape(persistent=True) as tape:
+    tape.watch([x, q])
+    loss, valid = losses.supcon_terms(
+        x, labels, queue_features=q, queue_labels=queue_labels,
+        block_size=block_size, **kwargs)
+    total = tf.reduce_sum(weights * loss)
+  grad = tape.gradient(total, x).numpy()
+  queue_grad = tape.gradient(total, q)
+  # The queue holds stop-gradient keys: no gradient reaches it.
+  assert queue_grad is None or not np.any(queue_grad.numpy())
+
+  def ref(f):
+    return float(np.sum(weights * reference_queue(
+        f, labels, queue, queue_labels, **kwargs)[0]))
+
+  expected_valid = reference_queue(features, labels, queue, queue_labels,
+                                   **kwargs)[1]
+  np.testing.assert_array_equal(valid.numpy(), expected_valid)
+  assert expected_valid.any()
+  numeric = _numeric_gradient(ref, features.astype(np.float64))
+  assert np.any(numeric)
   np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-4)
 
 
