@@ -129,21 +129,13 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
   train = _first(data.eval_dataset(data_config, "train",
                                    batch_size=batch_size),
                  config.knn_train_examples, batch_size)
-  test_features, test_labels = knn.embed(encoder, test)
-  train_features, train_labels = knn.embed(encoder, train)
-  k_used = min(config.k, len(train_labels))
-  predictions = knn.knn_predict(train_features, train_labels, test_features,
-                            k=k_used, temperature=config.temperature,
-                            num_classes=info.num_classes)
-  knn_top1 = float(np.mean(predictions == test_labels))
-  logging.info("kNN top-1 (k=%d, %d neighbours, %d test images): %.4f",
-               k_used, len(train_labels), len(test_labels), knn_top1)
-
-  spaces = _retrieval(workdir, (test_features, test_labels),
-                      (train_features, train_labels), projection, test, train)
+  queries, gallery = knn.embed(encoder, test), knn.embed(encoder, train)
+  test_labels, train_labels = queries[1], gallery[1]
+  knn_top1, k_used = _knn_top1(queries, gallery, config, info.num_classes)
+  spaces = _retrieval(workdir, queries, gallery, projection, test, train)
 
   plots.plot_embeddings(
-      test_features, test_labels, plot_path(rundir.EMBEDDINGS_PLOT),
+      queries[0], test_labels, plot_path(rundir.EMBEDDINGS_PLOT),
       class_names=info.class_names, method=config.embedding_method,
       seed=config.seed,
       title=f"{_run_name(workdir)}: {len(test_labels)} test embeddings")
@@ -166,6 +158,24 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
       "plots": written,
       "notes": notes,
   }
+
+
+def _knn_top1(queries, gallery, config, num_classes):
+  """`(top-1, k)` of the k-NN classifier of `queries` over `gallery`.
+
+  Both are `(features [n, dim], labels [n])` in the encoder's space; `k` is
+  `config.k`, or the gallery's size when smaller.
+  """
+  test_features, test_labels = queries
+  train_features, train_labels = gallery
+  k_used = min(config.k, len(train_labels))
+  predictions = knn.knn_predict(train_features, train_labels, test_features,
+                                k=k_used, temperature=config.temperature,
+                                num_classes=num_classes)
+  knn_top1 = float(np.mean(predictions == test_labels))
+  logging.info("kNN top-1 (k=%d, %d neighbours, %d test images): %.4f",
+               k_used, len(train_labels), len(test_labels), knn_top1)
+  return knn_top1, k_used
 
 
 def _retrieval(workdir, queries, gallery, projection, test, train):

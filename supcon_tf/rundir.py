@@ -62,8 +62,8 @@ CHECKPOINT_INDEX_SUFFIX = ".index"
 # Fields that may change between a run and its resumption without changing
 # the experiment.
 RESUMABLE_CHANGES = ("steps_per_loop", "checkpoint_every", "keep_checkpoints")
-# The run's length: a resume may change it (`train_lib.pretrain` checks it
-# against the steps already trained and rewrites the stored config).
+# The run's length: a resume may change it (`store_config` checks it against
+# the steps already trained and rewrites the stored config).
 LENGTH_FIELDS = ("steps", "epochs")
 
 
@@ -277,6 +277,51 @@ def check_resumable(workdir: str, config: config_lib.TrainConfig,
     return
   if write:
     atomic_write(path, config_lib.to_json(config))
+
+
+def store_config(workdir: str, config: config_lib.TrainConfig, *, step: int,
+                 length: Callable[[config_lib.TrainConfig], int]
+                 ) -> Optional[int]:
+  """Writes `config.json`, or checks that the run resumes the stored one.
+
+  The run's length may change (`LENGTH_FIELDS`) if the new length covers the
+  steps already trained. The run then continues as a run of the new length
+  planned from the start would: the data stream goes on where it stopped,
+  and the learning rate follows the new length's schedule from `step` on
+  (for a finished cosine run, a warm restart). The stored config becomes the
+  new one.
+
+  Args:
+    workdir: the pretraining directory.
+    config: the run's configuration.
+    step: the steps already trained.
+    length: a configuration's length in steps (`train_lib.total_steps`).
+
+  Returns:
+    The stored run's length in steps when it differs from `config`'s, else
+    None (also for a new run).
+
+  Raises:
+    TrainingError: `config`'s length is below `step`, or the stored run
+      differs in another field (`check_resumable`).
+  """
+  path = config_path(workdir)
+  stored = load_config(workdir) if tf.io.gfile.exists(path) else None
+  if stored is None or all(getattr(stored, f) == getattr(config, f)
+                           for f in LENGTH_FIELDS):
+    check_resumable(workdir, config)
+    return None
+  total = length(config)
+  if total < step:
+    raise TrainingError(
+        f"{workdir} has already trained {step:,} steps, more than the "
+        f"{total:,} asked for (steps={config.steps!r}, "
+        f"epochs={config.epochs!r}): ask for at least {step:,} steps, or use "
+        "a new work dir.")
+  # Every worker, like check_resumable: the same bytes, written atomically.
+  atomic_write(path, config_lib.to_json(config))
+  stored_total = length(stored)
+  return stored_total if stored_total != total else None
 
 
 def load_config(workdir: str, name: str = CONFIG_FILE):

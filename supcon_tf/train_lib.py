@@ -274,8 +274,10 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
   check_batch(config.batch_size, replicas)
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
-  keras.utils.set_random_seed(config.seed)
+  # Before seeding: an unwritable work dir is refused before anything else
+  # (seeding first imports numpy.random) can fail on the process's rights.
   rundir.check_writable(workdir)
+  keras.utils.set_random_seed(config.seed)
   rundir.check_resumable(workdir, config, write=False,
                          ignore=rundir.LENGTH_FIELDS)
 
@@ -291,8 +293,9 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
   step = int(trainer.step.numpy())
   # Only now: a run that fails on its data or on a foreign checkpoint leaves
   # no config.json behind to refuse the corrected command.
-  extended_from = _store_config(workdir, config, trainer.total_steps, step,
-                                steps_per_epoch)
+  extended_from = rundir.store_config(
+      workdir, config, step=step,
+      length=lambda c: total_steps(c, steps_per_epoch))
   if restored and verbose:
     logging.info("Resumed from %s at step %d.", restored, step)
   iterator = iter(strategy.distribute_datasets_from_function(
@@ -302,6 +305,24 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
                       step if restored else None,
                       epochs_known=dataset_fn is None,
                       extended_from=extended_from), flush=True)
+  end = min(trainer.total_steps, stop_at_step or trainer.total_steps)
+  step, loss, rate = _train_until(trainer, saver, iterator, workdir, step,
+                                  end, verbose=verbose)
+  return TrainResult(step=step, loss=loss, images_per_second=rate,
+                     workdir=workdir, extended_from=extended_from)
+
+
+def _train_until(trainer, saver, iterator, workdir, step, end, *, verbose):
+  """Trains from `step` to `end` in loops of `steps_per_loop` steps.
+
+  Writes every loop's metrics as TensorBoard summaries and to the progress
+  bar, and checkpoints every `checkpoint_every` steps and at `end`.
+
+  Returns:
+    `(step, loss, images_per_second)` after the last loop (loss NaN and
+    rate 0 when there was nothing left to train).
+  """
+  config = trainer.config
   writer = (tf.summary.create_file_writer(rundir.run_events_dir(workdir))
             if saver.chief else tf.summary.create_noop_writer())
   progress = keras.utils.Progbar(trainer.total_steps, verbose=int(verbose),
@@ -312,7 +333,6 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
   every = max(loop, config.checkpoint_every)
   last_saved, metrics = step, {"loss": float("nan")}
   rate = 0.0
-  end = min(trainer.total_steps, stop_at_step or trainer.total_steps)
   while step < end:
     steps = min(loop, end - step)
     start = time.perf_counter()
@@ -334,44 +354,7 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
   writer.flush()
   if verbose and step < trainer.total_steps:
     print(flush=True)  # Ends the progress bar, which ends itself at 100 %.
-  return TrainResult(step=step, loss=metrics["loss"],
-                     images_per_second=rate, workdir=workdir,
-                     extended_from=extended_from)
-
-
-def _store_config(workdir, config, total, step, steps_per_epoch):
-  """Writes `config.json`, or checks that the run resumes the stored one.
-
-  The run's length may change (`rundir.LENGTH_FIELDS`) if the new length
-  covers the steps already trained. The run then continues as a run of the
-  new length planned from the start would: the data stream goes on where it
-  stopped, and the learning rate follows the new length's schedule from
-  `step` on (for a finished cosine run, a warm restart). The stored config
-  becomes the new one.
-
-  Returns:
-    The stored run's length in steps when it differs from `total`, else
-    None (also for a new run).
-
-  Raises:
-    TrainingError: `total` is below `step`.
-  """
-  path = rundir.config_path(workdir)
-  stored = rundir.load_config(workdir) if tf.io.gfile.exists(path) else None
-  if stored is None or all(getattr(stored, f) == getattr(config, f)
-                           for f in rundir.LENGTH_FIELDS):
-    rundir.check_resumable(workdir, config)
-    return None
-  if total < step:
-    raise rundir.TrainingError(
-        f"{workdir} has already trained {step:,} steps, more than the "
-        f"{total:,} asked for (steps={config.steps!r}, "
-        f"epochs={config.epochs!r}): ask for at least {step:,} steps, or use "
-        "a new work dir.")
-  # Every worker, like check_resumable: the same bytes, written atomically.
-  rundir.atomic_write(path, config_lib.to_json(config))
-  stored_total = total_steps(stored, steps_per_epoch)
-  return stored_total if stored_total != total else None
+  return step, metrics["loss"], rate
 
 
 def _input(config: config_lib.TrainConfig, dataset_fn: Optional[Callable]):

@@ -86,5 +86,25 @@ def test_resume_of_a_run_stored_before_a_field_existed(tmp_path):
     rundir.check_resumable(str(tmp_path), other)
 
 
+def test_store_config_changes_only_the_length(tmp_path):
+  def length(config):
+    return config.steps
+
+  workdir = str(tmp_path)
+  short = config_lib.TrainConfig(steps=4)
+  assert rundir.store_config(workdir, short, step=0, length=length) is None
+  assert rundir.load_config(workdir) == short
+  assert rundir.store_config(workdir, short, step=4, length=length) is None
+  longer = config_lib.TrainConfig(steps=6)
+  assert rundir.store_config(workdir, longer, step=4, length=length) == 4
+  assert rundir.load_config(workdir) == longer
+  with pytest.raises(rundir.TrainingError, match="already trained 6 steps"):
+    rundir.store_config(workdir, short, step=6, length=length)
+  other = config_lib.TrainConfig(
+      steps=6, loss=config_lib.LossConfig(temperature=0.5))
+  with pytest.raises(rundir.TrainingError, match=r"loss\.temperature"):
+    rundir.store_config(workdir, other, step=6, length=length)
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
