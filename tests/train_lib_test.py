@@ -486,19 +486,22 @@ def test_empty_queue_gives_the_loss_without_queue(reference):
   assert abs(got[1] - losses[1]) > 1e-4  # step 1 sees step 0's keys
 
 
+@pytest.mark.parametrize("replicas",
+                         [2, pytest.param(4, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_queue_on_replicas_matches_single_device(momentum):
+def test_queue_on_replicas_matches_single_device(momentum, replicas):
   config = tiny_config(queue_size=24, key_encoder_momentum=momentum)
   single = make_trainer(1, config)
   initial = weights(single)
   want = train(single, 3)
-  double = make_trainer(2, config, initial)
+  double = make_trainer(replicas, config, initial)
   if momentum:
     for key, online in double.memory.key_pairs(double.encoder, double.head):
       key.assign(online)
   np.testing.assert_allclose(train(double, 3), want, rtol=1e-5, atol=1e-6)
   queue, labels, pointer = conftest.queue_state(single.memory)
-  for replica in range(2):  # every replica's copy
+  assert double.strategy.num_replicas_in_sync == replicas
+  for replica in range(replicas):  # every replica's copy
     np.testing.assert_allclose(
         double.strategy.experimental_local_results(double.memory.queue.value)[
             replica].numpy(), queue, rtol=1e-4, atol=1e-5)
@@ -551,6 +554,47 @@ def test_pretrain_resume_with_queue_is_bit_exact(tmp_path, momentum):
                                     err_msg=name)
   assert int(a.get_tensor("queue_pointer/.ATTRIBUTES/VARIABLE_VALUE")) == (
       4 * GLOBAL_BATCH * VIEWS) % 24
+
+
+def test_restored_encoder_is_the_online_one_not_the_key_encoder(
+    tmp_path, monkeypatch):
+  # With a momentum key encoder the checkpoint holds two encoders; linear
+  # evaluation, k-NN and export must get the online (trained) one.
+  made = []
+
+  class Recorded(train_lib.Trainer):
+
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      made.append(self)
+
+  monkeypatch.setattr(train_lib, "Trainer", Recorded)
+  config = tiny_config(queue_size=24, key_encoder_momentum=0.9)
+  train_lib.pretrain(config, str(tmp_path), dataset_fn=synthetic_dataset_fn,
+                     verbose=False)
+  (trainer,) = made
+  assert int(trainer.step.numpy()) == config.steps
+  online = trainer.encoder.weights
+  key = trainer.memory.key_encoder.weights
+  restored = pretrained.restore_encoder(str(tmp_path), config,
+                                        (IMAGE, IMAGE, 3)).weights
+  assert len(restored) == len(online) == len(key)
+  for got, want in zip(restored, online):
+    assert got.shape == want.shape, (got.path, want.path)
+    np.testing.assert_array_equal(got.numpy(), want.numpy(),
+                                  err_msg=f"{got.path} vs {want.path}")
+  # Every trainable weight lags behind in the key encoder (its batch-norm
+  # statistics come from its own forward passes, and differ too).
+  trainable = [(got, k) for got, k, want in zip(restored, key, online)
+               if want.trainable]
+  assert trainable
+  differ = [got.path for got, k in trainable
+            if not np.array_equal(got.numpy(), k.numpy())]
+  assert len(differ) == len(trainable), sorted(
+      got.path for got, _ in trainable if got.path not in differ)
+  assert any(not np.array_equal(got.numpy(), k.numpy())
+             for got, k, want in zip(restored, key, online)
+             if not want.trainable)
 
 
 @pytest.mark.parametrize("train,expected", [
