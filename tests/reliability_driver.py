@@ -4,7 +4,7 @@ The test kills this process with SIGKILL (from outside, or from inside at a
 chosen instant) and runs the same command again:
 
   python reliability_driver.py pretrain WORKDIR [--sleep=S] [--die_in_save=N]
-      [--replicas=R | --multi_worker]
+      [--replicas=R | --multi_worker] [--queue_size=K [--momentum=M]]
   python reliability_driver.py linear WORKDIR [--sleep=S]
   python reliability_driver.py export BASE [--die_in_export]
 
@@ -12,7 +12,9 @@ chosen instant) and runs the same command again:
 after every recorded epoch, each followed by a pause of `--sleep` seconds
 so that the test can kill the process between them. `--replicas=R` trains
 under a MirroredStrategy over R logical CPUs, `--multi_worker` under a
-MultiWorkerMirroredStrategy (one worker of the cluster in `TF_CONFIG`). The
+MultiWorkerMirroredStrategy (one worker of the cluster in `TF_CONFIG`).
+`--queue_size=K` adds a memory queue of K keys, `--momentum=M` its momentum
+key encoder (`tiny_config(queue_size=K, key_encoder_momentum=M)`). The
 test module imports this one for the shared tiny configurations.
 """
 
@@ -128,7 +130,7 @@ def _strategy(replicas, multi_worker):
   return None
 
 
-def run_pretrain(workdir, sleep, die_in_save, strategy=None):
+def run_pretrain(workdir, sleep, die_in_save, strategy=None, **train):
   real_loop = train_lib.Trainer.train_loop
 
   def train_loop(self, iterator, steps):
@@ -149,8 +151,8 @@ def run_pretrain(workdir, sleep, die_in_save, strategy=None):
       real_record(manager)
 
     tf.train.CheckpointManager._record_state = record_state
-  train_lib.pretrain(tiny_config(), workdir, strategy, dataset_fn=dataset_fn,
-                     verbose=False)
+  train_lib.pretrain(tiny_config(**train), workdir, strategy,
+                     dataset_fn=dataset_fn, verbose=False)
 
 
 def run_linear(workdir, sleep):
@@ -194,10 +196,16 @@ def main():
   parser.add_argument("--die_in_export", action="store_true")
   parser.add_argument("--replicas", type=int, default=1)
   parser.add_argument("--multi_worker", action="store_true")
+  parser.add_argument("--queue_size", type=int, default=0)
+  parser.add_argument("--momentum", type=float, default=0.0)
   args = parser.parse_args()
   if args.mode == "pretrain":
+    queue = {}
+    if args.queue_size:
+      queue = dict(queue_size=args.queue_size,
+                   key_encoder_momentum=args.momentum)
     run_pretrain(args.path, args.sleep, args.die_in_save,
-                 _strategy(args.replicas, args.multi_worker))
+                 _strategy(args.replicas, args.multi_worker), **queue)
   elif args.mode == "linear":
     run_linear(args.path, args.sleep)
   else:
