@@ -16,7 +16,6 @@ import tensorflow as tf
 
 from supcon_tf import config as config_lib
 from supcon_tf import distributed
-from supcon_tf import losses as losses_lib
 from supcon_tf import memory as memory_lib
 from supcon_tf import models
 from supcon_tf import objectives
@@ -144,20 +143,20 @@ class SupConModel(keras.Model):
                               training=training)
 
   def train_step(self, data):
-    # The custom loop's order: key encoder, step, then enqueue.
-    if self.memory is not None:
-      self.memory.momentum_update(self.encoder, self.head)
-
     def compute_loss():
       loss, logs, embeddings = self._loss_and_metrics(data, training=True)
       return loss, (logs, embeddings)
 
-    logs, embeddings = objectives.minimize(
-        self.optimizer, compute_loss, lambda: self.trainable_variables)
-    if self.memory is not None:
+    def step():
+      logs, embeddings = objectives.minimize(
+          self.optimizer, compute_loss, lambda: self.trainable_variables)
+      if self.memory is None:
+        return logs, None
       x, y, _ = keras.utils.unpack_x_y_sample_weight(data)
-      self.memory.enqueue(*self.memory.keys(_as_views(x), y, embeddings))
-    return logs
+      return logs, self.memory.keys(_as_views(x), y, embeddings)
+
+    # The custom loop's order: key encoder, step, then enqueue.
+    return memory_lib.train_step(self.memory, self.encoder, self.head, step)
 
   def test_step(self, data):
     _, logs, _ = self._loss_and_metrics(data, training=False)
@@ -178,8 +177,10 @@ class SupConModel(keras.Model):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     y_pred = self(x, training=training)
     loss_fn = getattr(self, "loss", None)
-    if isinstance(loss_fn, losses_lib.SupConLoss):
-      loss = self._contrastive_loss(loss_fn, y, y_pred, sample_weight)
+    objective = objectives.for_loss(loss_fn)
+    if objective is not None:
+      loss = self._contrastive_loss(objective, loss_fn, y, y_pred,
+                                    sample_weight)
       extra = [tf.cast(tf.reduce_sum(l), tf.float32) for l in self.losses]
       if extra:
         # Identical on every replica; the replicas' shares add up to one.
@@ -205,10 +206,12 @@ class SupConModel(keras.Model):
     return loss, self.compute_metrics(x, y, y_pred,
                                       sample_weight=sample_weight), y_pred
 
-  def _contrastive_loss(self, loss_fn, labels, embeddings, sample_weight):
+  def _contrastive_loss(self, objective, loss_fn, labels, embeddings,
+                        sample_weight):
     """SupCon over the global batch; this replica's share of its reduction.
 
     Args:
+      objective: `objectives.for_loss(loss_fn)`.
       loss_fn: the compiled `SupConLoss` (its settings and reduction).
       labels: `[batch]` ids, `[batch, classes]` multi-hot, or None.
       embeddings: `[batch, V, dim]` float32.
@@ -222,11 +225,8 @@ class SupConModel(keras.Model):
           f"SupConModel trains with a SupConLoss reduction in "
           f"{list(_REDUCTIONS)}; got reduction={loss_fn.reduction!r}. Use "
           "'sum_over_batch_size' (the default).")
-    if isinstance(loss_fn, losses_lib.SimCLRLoss):
-      labels = None
-    per_sample, valid = losses_lib.supcon_terms(
-        embeddings, labels, gather=True, **loss_fn.options(),
-        **(self.memory.loss_kwargs() if self.memory is not None else {}))
+    per_sample, valid = objective.contrast(embeddings, labels,
+                                           loss_fn.options(), self.memory)
     valid = tf.cast(valid, tf.float32)
     weight = valid
     if sample_weight is not None:
@@ -238,14 +238,10 @@ class SupConModel(keras.Model):
             "SupConModel takes one weight per sample, sample_weight "
             f"[batch]; got shape {sample_weight.shape}.")
       weight = valid * sample_weight
-    total = tf.reduce_sum(per_sample * weight)
-    if loss_fn.reduction == "sum":
-      return total
-    if loss_fn.reduction == "mean_with_sample_weight":
-      return tf.math.divide_no_nan(
-          total, distributed.all_reduce_sum(tf.reduce_sum(weight)))
-    count = distributed.all_reduce_sum(tf.reduce_sum(valid))
-    return total / tf.maximum(count, 1.0)
+    reduction = ("mean" if loss_fn.reduction in _MEAN_REDUCTIONS else
+                 loss_fn.reduction)
+    return objectives.replica_loss(per_sample, valid, weight=weight,
+                                   reduction=reduction)
 
   def get_config(self):
     config = super().get_config()

@@ -387,6 +387,8 @@ class SupConLoss(keras.losses.Loss):
     >>> loss = SupConLoss(temperature=0.1)
     >>> loss(labels, embeddings)  # labels [batch], embeddings [batch, 2, 128]
   """
+  # The `config.METHODS` objective it computes (`objectives.for_loss`).
+  method = "supcon"
 
   def __init__(self, temperature=0.1, contrast_mode="all", summation="out",
                denominator="all", positives_cap=None,
@@ -422,6 +424,7 @@ class SupConLoss(keras.losses.Loss):
 @keras.saving.register_keras_serializable(package="supcon_tf")
 class SimCLRLoss(SupConLoss):
   """`SupConLoss` that ignores `y_true`: each sample is its own class."""
+  method = "simclr"
 
   def __init__(self, temperature=0.5, name="simclr_loss", **kwargs):
     super().__init__(temperature=temperature, name=name, **kwargs)

@@ -5,7 +5,8 @@ an empty slot, ignored by the loss) and, optionally, a momentum key encoder:
 an exponential moving average copy of encoder + head (MoCo). Without one the
 keys are the online embeddings under stop-gradient (cross-batch memory,
 XBM). The custom loop (`train_lib.Trainer`) and `model.fit`
-(`keras_model.SupConModel`) run the same four calls per step:
+(`keras_model.SupConModel`) run the same four calls per step, both through
+`train_step`:
 
 ```python
 memory.momentum_update(encoder, head)       # before the forward pass
@@ -187,6 +188,31 @@ class KeyMemory(keras.layers.Layer):
     config = super().get_config()
     config.update(size=self.size, momentum=self.momentum)
     return config
+
+
+def train_step(memory: KeyMemory | None, encoder, head, step,
+               strategy=None):
+  """One training step with the memory's calls around it, in their order.
+
+  Args:
+    memory: a `KeyMemory`, or None (then only `step()`).
+    encoder, head: the online networks.
+    step: callable with no arguments that takes the optimizer step (the
+      forward pass contrasting against `memory.loss_kwargs()`) and returns
+      `(results, keys)`: anything to pass on, and `memory.keys(...)` of this
+      step (None without a memory); per-replica values of them when called
+      in cross-replica context.
+    strategy: as in `KeyMemory.momentum_update`.
+
+  Returns:
+    `results`.
+  """
+  if memory is None:
+    return step()[0]
+  memory.momentum_update(encoder, head, strategy)
+  results, keys = step()
+  memory.enqueue(*keys, strategy=strategy)
+  return results
 
 
 def _in_cross_replica_context(strategy, fn, *args):

@@ -3,9 +3,10 @@
 `OBJECTIVES` maps every `config.METHODS` name to an `Objective`: the head it
 trains, how many views of each sample it reads, its per-sample loss and the
 health metrics it reports. `train_lib.Trainer` (the custom loop) looks its
-method up here; `keras_model.SupConModel` computes the SupCon / SimCLR
-objective from its compiled loss. Both take their gradient step with
-`minimize`, so loss scaling and the cross-replica overflow check are written
+method up here; `keras_model.SupConModel` looks up the objective of its
+compiled loss with `for_loss`. Both normalise a replica's loss with
+`replica_loss` and take their gradient step with `minimize`, so the global
+normalisation, loss scaling and the cross-replica overflow check are written
 once.
 
 Every objective sees embeddings `[batch, V, dim]` from `models.embed_views`
@@ -17,6 +18,7 @@ global batch's.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import keras
 import tensorflow as tf
@@ -57,6 +59,36 @@ def minimize(optimizer, compute_loss, variables):
     gradients = distributed.agree_on_finite(gradients)
   optimizer.apply_gradients(zip(gradients, variables))
   return aux
+
+
+def replica_loss(per_sample, valid, *, weight=None, reduction="mean"):
+  """This replica's share of a loss over the global batch (replica context).
+
+  A local sum over a global normaliser: the replicas' shares add up to the
+  loss of the global batch, so the gradients the optimizer sums across
+  replicas are those of the same batch on one device.
+
+  Args:
+    per_sample: `[batch]` float32 losses of this replica's samples.
+    valid: `[batch]` bool (or 0/1 float32): the samples that count.
+    weight: None (sum `per_sample` as it is) or `[batch]` float32 weights
+      of the local sum, zero for samples that do not count.
+    reduction: `"mean"`: over the global number of valid samples;
+      `"mean_with_sample_weight"`: over the global sum of `weight`; `"sum"`:
+      the local sum.
+
+  Returns:
+    scalar float32.
+  """
+  total = tf.reduce_sum(per_sample if weight is None else per_sample * weight)
+  if reduction == "sum":
+    return total
+  if reduction == "mean_with_sample_weight":
+    return tf.math.divide_no_nan(
+        total, distributed.all_reduce_sum(tf.reduce_sum(weight)))
+  count = distributed.all_reduce_sum(
+      tf.reduce_sum(tf.cast(valid, tf.float32)))
+  return total / tf.maximum(count, 1.0)
 
 
 def ce_head(num_classes: int) -> keras.layers.Dense:
@@ -113,12 +145,24 @@ class SupCon(Objective):
 
   def terms(self, outputs, labels, *, loss_config, num_classes, memory=None):
     del num_classes
-    per_sample, valid = losses.supcon_terms(
-        outputs, labels if self.supervised else None, gather=True,
-        **dataclasses.asdict(loss_config),
-        **(memory.loss_kwargs() if memory is not None else {}))
+    per_sample, valid = self.contrast(outputs, labels,
+                                      dataclasses.asdict(loss_config), memory)
     return per_sample, valid, contrastive_health(
         outputs, labels, supervised=self.supervised)
+
+  def contrast(self, outputs, labels, options, memory=None):
+    """`(per_sample, valid)` of `losses.supcon_terms`, without metrics.
+
+    Args:
+      outputs: `[batch, V, dim]` float32 embeddings.
+      labels: `[batch]` ids or `[batch, classes]` multi-hot (ignored
+        without supervision).
+      options: its settings, `LossConfig`'s fields (`SupConLoss.options()`).
+      memory: as in `terms`.
+    """
+    return losses.supcon_terms(
+        outputs, labels if self.supervised else None, gather=True, **options,
+        **(memory.loss_kwargs() if memory is not None else {}))
 
 
 class SimCLR(SupCon):
@@ -179,6 +223,14 @@ def get(method: str) -> Objective:
   if method not in OBJECTIVES:
     raise ValueError(f"method={method!r} is not one of {list(OBJECTIVES)}.")
   return OBJECTIVES[method]
+
+
+def for_loss(loss) -> Optional[SupCon]:
+  """The objective of a compiled Keras loss: SupCon for a `SupConLoss`,
+  SimCLR for a `SimCLRLoss` (its `method`), None for any other loss."""
+  if isinstance(loss, losses.SupConLoss):
+    return get(loss.method)
+  return None
 
 
 def contrastive_health(embeddings, labels, supervised=True):

@@ -141,10 +141,7 @@ class Trainer:
         num_classes=self.num_classes, memory=self.memory)
     if self.memory is not None and training:  # popped by _replica_step
       metrics["_keys"] = embeddings
-    count = distributed.all_reduce_sum(
-        tf.reduce_sum(tf.cast(valid, tf.float32)))
-    loss = tf.reduce_sum(per_sample) / tf.maximum(count, 1.0)
-    return dict(loss=loss, **metrics)
+    return dict(loss=objectives.replica_loss(per_sample, valid), **metrics)
 
   def _replica_step(self, views, labels):
     with distributed.replica_device_scope(self.strategy):
@@ -164,11 +161,14 @@ class Trainer:
 
   def distributed_step(self, views, labels):
     """One step from per-replica inputs; returns globally reduced metrics."""
-    if self.memory is not None:
-      self.memory.momentum_update(self.encoder, self.head, self.strategy)
-    per_replica = self.strategy.run(self._compiled_step, args=(views, labels))
-    if "_keys" in per_replica:
-      self.memory.enqueue(*per_replica.pop("_keys"), strategy=self.strategy)
+
+    def step():
+      per_replica = self.strategy.run(self._compiled_step,
+                                      args=(views, labels))
+      return per_replica, per_replica.pop("_keys", None)
+
+    per_replica = memory_lib.train_step(self.memory, self.encoder, self.head,
+                                        step, self.strategy)
     self.step.assign_add(1)
     return {k: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
             for k, v in per_replica.items()}
