@@ -5,8 +5,8 @@ r"""Short pretraining runs that compare settings for a CPU budget.
 
 Every variant starts from the same base (the command line's budget recipe,
 `config.BUDGET_TRAIN`: width-0.25 ResNet-18, batch 256, tau 0.1, precision
-auto; but SGD at 0.5, the first budget setting, so that older variants
-keep their meaning; a linear warm-up over 0.9 x --warmup_fraction of the
+auto; but two views, the plain MLP head and SGD at 0.5, the first budget
+setting, so that older variants keep their meaning; a linear warm-up over 0.9 x --warmup_fraction of the
 steps, then a cosine decay to 0 at --steps) and changes the dotted
 `TrainConfig` fields it names. Each one pretrains for --steps steps in its
 own work dir under --out, then the weighted k-NN (k=200) classifies the first --val_examples images of the
@@ -30,16 +30,22 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from supcon_tf import config as config_lib  # pylint: disable=g-import-not-at-top
 from supcon_tf import data
 from supcon_tf import knn
+from supcon_tf import objectives
 from supcon_tf import pretrained
 from supcon_tf import train_lib
 
 
 def base_config(steps: int, data_dir=None) -> config_lib.TrainConfig:
-  """The command line's budget recipe, with SGD at 0.5 (the first setting)."""
+  """The first budget setting: two views, plain MLP head, SGD at 0.5.
+
+  The command line's budget recipe (`config.BUDGET_TRAIN`) for everything
+  else, so that the variants of every round keep their meaning.
+  """
   budget = config_lib.BUDGET_TRAIN
   return dataclasses.replace(
       budget, steps=steps, checkpoint_every=steps,
-      data=dataclasses.replace(budget.data, data_dir=data_dir),
+      data=dataclasses.replace(budget.data, data_dir=data_dir, num_views=2),
+      model=dataclasses.replace(budget.model, head="mlp"),
       optimizer=dataclasses.replace(budget.optimizer, name="sgd",
                                     learning_rate=0.5))
 
@@ -52,10 +58,13 @@ def apply_overrides(config, overrides: str):
     raise SystemExit(f"--variant: {e}") from None
 
 
-def image_passes(config: config_lib.TrainConfig) -> int:
-  """Encoder forward+backward passes of one image view over the run."""
-  views = 1 if config.method in ("ce", "npairs") else config.data.num_views
-  return config.steps * config.batch_size * views
+def image_passes(config: config_lib.TrainConfig, steps=None) -> int:
+  """Encoder forward+backward passes of one image view over `steps` steps.
+
+  `steps` defaults to `config.steps`; views are those the method trains on.
+  """
+  views = objectives.get(config.method).num_views(config.data.num_views)
+  return (config.steps if steps is None else steps) * config.batch_size * views
 
 
 def run_variant(name, config, out, train_examples, val_examples):

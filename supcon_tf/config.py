@@ -392,8 +392,9 @@ def _parse_value(text: str):
 # once. The dataclass defaults above stay the library's (a full-width
 # ResNet, SGD), for code that builds its own configuration.
 BUDGET_TRAIN = TrainConfig(
-    epochs=8, steps_per_loop=25, checkpoint_every=100, precision="auto",
-    model=ModelConfig(width=0.25),
+    epochs=16, steps_per_loop=25, checkpoint_every=100, precision="auto",
+    data=DataConfig(num_views=1),
+    model=ModelConfig(width=0.25, head="mlp_bn"),
     optimizer=OptimizerConfig(name="adamw", learning_rate=0.01,
                               warmup_epochs=0.5))
 BUDGET_LINEAR = LinearEvalConfig(epochs=10, learning_rates=(0.3, 1.0, 3.0))
