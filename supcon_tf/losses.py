@@ -20,23 +20,29 @@ section 3, keeps gradient magnitudes independent of tau).
 
 `supcon_terms` validates the arguments and computes on whole matrices
 (`supcon_tf.dense`) or in blocks of anchor rows (`supcon_tf.blockwise`);
-`SupConLoss` / `SimCLRLoss` are its Keras losses. The N-pairs baseline is in
+`SupConLoss` / `SimCLRLoss` are its Keras losses. Their settings are the
+fields of `config.LossConfig`, which the custom training loop takes, and
+the mode choices are `config`'s. The N-pairs baseline is in
 `supcon_tf.npairs`.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import tensorflow as tf
 import keras
 
 from supcon_tf import blockwise
+from supcon_tf import config as config_lib
 from supcon_tf import dense as dense_lib
 from supcon_tf import distributed
 
-CONTRAST_MODES = ("all", "one")
-SUMMATIONS = ("out", "in")
-DENOMINATORS = ("all", "one_positive", "only_negatives")
+# The choices `config.LossConfig` checks, under this module's names too.
+CONTRAST_MODES = config_lib.CONTRAST_MODES
+SUMMATIONS = config_lib.SUMMATIONS
+DENOMINATORS = config_lib.DENOMINATORS
 
 
 def supcon_loss(features, labels=None, *, mask=None, temperature=0.1,
@@ -407,12 +413,13 @@ class SupConLoss(keras.losses.Loss):
     _validate_block_size(block_size, None, None)
 
   def options(self) -> dict:
-    """The settings of `supcon_terms` this loss computes with."""
-    return dict(temperature=self.temperature, contrast_mode=self.contrast_mode,
-                summation=self.summation, denominator=self.denominator,
-                positives_cap=self.positives_cap,
-                scale_by_temperature=self.scale_by_temperature,
-                block_size=self.block_size)
+    """The settings of `supcon_terms` this loss computes with.
+
+    Keyed by the fields of `config.LossConfig`, as the custom loop passes
+    them.
+    """
+    return {field.name: getattr(self, field.name)
+            for field in dataclasses.fields(config_lib.LossConfig)}
 
   def call(self, y_true, y_pred):
     return _masked(*supcon_terms(y_pred, y_true, **self.options()))
