@@ -272,6 +272,7 @@ def test_head_projection_runs_in_float32(mixed_bfloat16, kind):
 
 def test_mlp_bn_head_centres_the_hidden_layer_in_training():
   """Inputs that all point one way still give spread embeddings."""
+  keras.utils.set_random_seed(0)
   head = models.ProjectionHead(kind="mlp_bn", hidden_dim=32, output_dim=8)
   rng = np.random.default_rng(5)
   # Post-ReLU features of a fresh network: a large shared part, small spread.
@@ -287,7 +288,10 @@ def test_mlp_bn_head_centres_the_hidden_layer_in_training():
   plain = models.ProjectionHead(kind="mlp", hidden_dim=32, output_dim=8)
   z_plain = np.asarray(plain(x))
   off = ~np.eye(len(x), dtype=bool)
-  assert cosine[off].mean() < 0.5 < (z_plain @ z_plain.T)[off].mean()
+  # The plain head keeps them parallel (mean cosine 0.999 over seeds 0-9);
+  # batch norm spreads them (0.14-0.50).
+  assert cosine[off].mean() < 0.75
+  assert (z_plain @ z_plain.T)[off].mean() > 0.99
   # Inference uses the moving statistics, which one call has barely moved.
   assert not np.allclose(np.asarray(head(x, training=False)), z)
 
