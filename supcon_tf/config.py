@@ -36,7 +36,8 @@ PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 EMBEDDING_METHODS = ("pca", "tsne")
 
 
-def _check_choice(name: str, value: str, choices: Tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, choices: Tuple[str, ...]) -> None:
+  """Raises ValueError naming `name`, `value` and the valid `choices`."""
   if value not in choices:
     raise ValueError(f"{name}={value!r} is not one of {list(choices)}.")
 
@@ -59,9 +60,9 @@ class LossConfig:
 
   def __post_init__(self):
     _check_positive("temperature", self.temperature)
-    _check_choice("contrast_mode", self.contrast_mode, CONTRAST_MODES)
-    _check_choice("summation", self.summation, SUMMATIONS)
-    _check_choice("denominator", self.denominator, DENOMINATORS)
+    check_choice("contrast_mode", self.contrast_mode, CONTRAST_MODES)
+    check_choice("summation", self.summation, SUMMATIONS)
+    check_choice("denominator", self.denominator, DENOMINATORS)
     if self.positives_cap is not None and self.positives_cap < 0:
       raise ValueError(
           f"positives_cap must be >= 0 or None, got {self.positives_cap}.")
@@ -118,9 +119,9 @@ class DataConfig:
     _check_positive("image_size", self.image_size)
     if self.num_views < 1:
       raise ValueError(f"num_views must be >= 1, got {self.num_views}.")
-    _check_choice("augmentation", self.augmentation, AUGMENTATIONS)
-    _check_choice("crop_sampling", self.crop_sampling, CROP_SAMPLINGS)
-    _check_choice("eval_crop", self.eval_crop, EVAL_CROPS)
+    check_choice("augmentation", self.augmentation, AUGMENTATIONS)
+    check_choice("crop_sampling", self.crop_sampling, CROP_SAMPLINGS)
+    check_choice("eval_crop", self.eval_crop, EVAL_CROPS)
     if not 0.0 <= self.validation_fraction < 1.0:
       raise ValueError("validation_fraction must be in [0, 1), got "
                        f"{self.validation_fraction}.")
@@ -160,8 +161,8 @@ class ModelConfig:
   sync_batch_norm: Optional[bool] = None
 
   def __post_init__(self):
-    _check_choice("stem", self.stem, STEMS)
-    _check_choice("head", self.head, HEADS)
+    check_choice("stem", self.stem, STEMS)
+    check_choice("head", self.head, HEADS)
     _check_positive("width", self.width)
     _check_positive("projection_dim", self.projection_dim)
 
@@ -183,8 +184,8 @@ class OptimizerConfig:
   scale_by_batch: bool = True
 
   def __post_init__(self):
-    _check_choice("optimizer", self.name, OPTIMIZERS)
-    _check_choice("schedule", self.schedule, LR_SCHEDULES)
+    check_choice("optimizer", self.name, OPTIMIZERS)
+    check_choice("schedule", self.schedule, LR_SCHEDULES)
     _check_positive("learning_rate", self.learning_rate)
     if self.weight_decay < 0:
       raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}.")
@@ -250,8 +251,8 @@ class TrainConfig:
       default_factory=OptimizerConfig)
 
   def __post_init__(self):
-    _check_choice("method", self.method, METHODS)
-    _check_choice("precision", self.precision, PRECISIONS)
+    check_choice("method", self.method, METHODS)
+    check_choice("precision", self.precision, PRECISIONS)
     _check_positive("batch_size", self.batch_size)
     _check_positive("steps_per_loop", self.steps_per_loop)
     if self.steps is None:
@@ -342,7 +343,7 @@ class EvalConfig:
       if value is None or value < 1:
         raise ValueError(f"EvalConfig.{name} must be >= 1, got {value!r}.")
     _check_positive("EvalConfig.temperature", self.temperature)
-    _check_choice("EvalConfig.embedding_method", self.embedding_method,
+    check_choice("EvalConfig.embedding_method", self.embedding_method,
                   EMBEDDING_METHODS)
 
 

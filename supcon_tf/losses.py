@@ -320,12 +320,11 @@ def _validate_block_size(block_size, labels, mask):
 
 
 def _validate_options(temperature, contrast_mode, summation, denominator):
-  for name, value, choices in (("contrast_mode", contrast_mode,
-                                CONTRAST_MODES),
-                               ("summation", summation, SUMMATIONS),
-                               ("denominator", denominator, DENOMINATORS)):
-    if value not in choices:
-      raise ValueError(f"{name}={value!r} is not one of {list(choices)}.")
+  # The choices as `LossConfig` checks them; the temperature may also be a
+  # tensor here (a schedule), which a config cannot hold.
+  config_lib.check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
+  config_lib.check_choice("summation", summation, SUMMATIONS)
+  config_lib.check_choice("denominator", denominator, DENOMINATORS)
   if not isinstance(temperature, tf.Tensor) and not temperature > 0:
     raise ValueError(f"temperature must be > 0, got {temperature!r}.")
 
