@@ -394,7 +394,7 @@ def _parse_value(text: str):
 # ResNet, SGD), for code that builds its own configuration.
 BUDGET_TRAIN = TrainConfig(
     epochs=16, steps_per_loop=25, checkpoint_every=100, precision="auto",
-    data=DataConfig(num_views=1),
+    data=DataConfig(num_views=1, crop_sampling="torchvision"),
     model=ModelConfig(width=0.25, head="mlp_bn"),
     optimizer=OptimizerConfig(name="adamw", learning_rate=0.01,
                               warmup_epochs=0.5))
