@@ -182,14 +182,7 @@ def test_gradient_matches_float64_reference(summation, denominator, cap,
     return float(np.sum(weights * reference_queue(
         f, labels, queue, queue_labels, **kwargs)[0]))
 
-  base = features.astype(np.float64)
-  numeric = np.zeros_like(base)
-  eps = 1e-6
-  for index in np.ndindex(base.shape):
-    up, down = base.copy(), base.copy()
-    up[index] += eps
-    down[index] -= eps
-    numeric[index] = (ref(up) - ref(down)) / (2 * eps)
+  numeric = _numeric_gradient(ref, features.astype(np.float64))
   np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-4)
 
 
