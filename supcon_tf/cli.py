@@ -50,7 +50,7 @@ flags.DEFINE_string("encoder", _TRAIN.model.encoder,
 flags.DEFINE_enum("stem", _TRAIN.model.stem, config_lib.STEMS, "ResNet stem.")
 flags.DEFINE_float("width", _TRAIN.model.width, "ResNet width multiplier.")
 flags.DEFINE_enum("head", _TRAIN.model.head, config_lib.HEADS,
-                  "Projection head.")
+                  "Projection head. mlp_bn: batch norm before its ReLU.")
 flags.DEFINE_integer("projection_dim", _TRAIN.model.projection_dim,
                      "Projection output width.")
 flags.DEFINE_integer("image_size", _TRAIN.data.image_size,
