@@ -167,23 +167,34 @@ def test_gradient_matches_float64_reference(summation, denominator, cap,
   kwargs = dict(temperature=0.5, summation=summation, denominator=denominator,
                 positives_cap=cap)
   weights = np.random.default_rng(4).uniform(0.5, 1.5, len(labels))
-  x = tf.constant(features)
-  q = tf.constant(queue)
+  grad, _ = _gradient_reaching_features_only(
+      lambda x, q: (tf.reduce_sum(weights * losses.supcon_loss(
+          x, labels, queue_features=q, queue_labels=queue_labels,
+          block_size=block_size, **kwargs)), None), features, queue)
+  numeric = _numeric_gradient(
+      _reference_total(weights, labels, queue, queue_labels, kwargs),
+      features.astype(np.float64))
+  np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-4)
+
+
+def _gradient_reaching_features_only(total_of, features, queue):
+  """`(d total / d features, aux)` of `total_of(x, q) -> (total, aux)`.
+
+  Asserts that no gradient reaches the queue: it holds stop-gradient keys.
+  """
+  x, q = tf.constant(features), tf.constant(queue)
   with tf.GradientTape(persistent=True) as tape:
     tape.watch([x, q])
-    total = tf.reduce_sum(weights * losses.supcon_loss(
-        x, labels, queue_features=q, queue_labels=queue_labels,
-        block_size=block_size, **kwargs))
-  grad = tape.gradient(total, x).numpy()
+    total, aux = total_of(x, q)
   queue_grad = tape.gradient(total, q)
   assert queue_grad is None or not np.any(queue_grad.numpy())
+  return tape.gradient(total, x).numpy(), aux
 
-  def ref(f):
-    return float(np.sum(weights * reference_queue(
-        f, labels, queue, queue_labels, **kwargs)[0]))
 
-  numeric = _numeric_gradient(ref, features.astype(np.float64))
-  np.testing.assert_allclose(grad, numeric, rtol=1e-3, atol=1e-4)
+def _reference_total(weights, labels, queue, queue_labels, kwargs):
+  """The float64 reference's weighted loss sum, as a function of features."""
+  return lambda f: float(np.sum(weights * reference_queue(
+      f, labels, queue, queue_labels, **kwargs)[0]))
 
 
 def _numeric_gradient(fn, base, eps=1e-6):
@@ -210,23 +221,15 @@ def test_gradient_matches_float64_reference_in_every_mode(
                 summation=summation, denominator=denominator,
                 positives_cap=cap)
   weights = np.random.default_rng(4).uniform(0.5, 1.5, len(features))
-  x = tf.constant(features)
-  q = tf.constant(queue)
-  with tf.GradientTape(persistent=True) as tape:
-    tape.watch([x, q])
+
+  def total_of(x, q):
     loss, valid = losses.supcon_terms(
         x, labels, queue_features=q, queue_labels=queue_labels,
         block_size=block_size, **kwargs)
-    total = tf.reduce_sum(weights * loss)
-  grad = tape.gradient(total, x).numpy()
-  queue_grad = tape.gradient(total, q)
-  # The queue holds stop-gradient keys: no gradient reaches it.
-  assert queue_grad is None or not np.any(queue_grad.numpy())
+    return tf.reduce_sum(weights * loss), valid
 
-  def ref(f):
-    return float(np.sum(weights * reference_queue(
-        f, labels, queue, queue_labels, **kwargs)[0]))
-
+  grad, valid = _gradient_reaching_features_only(total_of, features, queue)
+  ref = _reference_total(weights, labels, queue, queue_labels, kwargs)
   expected_valid = reference_queue(features, labels, queue, queue_labels,
                                    **kwargs)[1]
   np.testing.assert_array_equal(valid.numpy(), expected_valid)
