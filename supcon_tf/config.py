@@ -344,7 +344,7 @@ class EvalConfig:
         raise ValueError(f"EvalConfig.{name} must be >= 1, got {value!r}.")
     _check_positive("EvalConfig.temperature", self.temperature)
     check_choice("EvalConfig.embedding_method", self.embedding_method,
-                  EMBEDDING_METHODS)
+                 EMBEDDING_METHODS)
 
 
 def to_dict(config) -> dict:

@@ -139,16 +139,17 @@ class EpochBackup(keras.callbacks.Callback):
   def __init__(self, directory: str):
     super().__init__()
     self.directory = directory
+    # Names the newest epoch's weights file and the epochs it holds.
+    self.state_path = os.path.join(directory, rundir.LINEAR_EPOCH_BACKUP_FILE)
 
   def restore(self, model: keras.Model) -> int:
     """Loads the backup into compiled `model`; returns its finished epochs.
 
     Returns 0 and leaves `model` as it is when there is no backup.
     """
-    path = os.path.join(self.directory, rundir.LINEAR_EPOCH_BACKUP_FILE)
-    if not tf.io.gfile.exists(path):
+    if not tf.io.gfile.exists(self.state_path):
       return 0
-    with tf.io.gfile.GFile(path) as f:
+    with tf.io.gfile.GFile(self.state_path) as f:
       state = json.load(f)
     if not model.optimizer.built:
       model.optimizer.build(model.trainable_variables)
@@ -167,7 +168,7 @@ class EpochBackup(keras.callbacks.Callback):
         if tf.io.gfile.exists(path):
           tf.io.gfile.remove(path)
         raise
-      rundir.atomic_write(os.path.join(self.directory, rundir.LINEAR_EPOCH_BACKUP_FILE),
+      rundir.atomic_write(self.state_path,
                           json.dumps({"epochs": epoch + 1, "weights": name}))
     for old in tf.io.gfile.listdir(self.directory):
       if old.endswith(".weights.h5") and old != name:

@@ -161,7 +161,7 @@ def plots_dir(workdir: str) -> str:
 
 def plot_path(workdir: str, name: str) -> str:
   """A figure's path: `name` is one of the `*_PLOT` file names."""
-  return os.path.join(workdir, PLOTS_DIR, name)
+  return os.path.join(plots_dir(workdir), name)
 
 
 def robustness_path(workdir: str) -> str:
