@@ -106,20 +106,27 @@ class SymmetricSweeps:
   def gradient(self, weights):
     """`(diag(w) P + P^T diag(w)) x` for row weights `w` `[n]`, P = softmax."""
     end = self.two_sided_end
-    # log(w) - lse, -inf for weight 0 and padded rows: their terms vanish.
-    shift = tf.pad(tf.math.log(weights) - self.lse,
-                   [[0, self.padded - self.n]], constant_values=-np.inf)
-    pad_right = tf.fill([self.width - (end or 0)], -np.inf)
+    # P's entries are exp(logit - lse), scaled by w after the exp: w may be
+    # zero or negative (an upstream gradient), where log(w) would not do.
+    # Padded rows get lse = +inf and w = 0, so their terms are exactly 0.
+    pad = [[0, self.padded - self.n]]
+    lse = tf.pad(self.lse, pad, constant_values=np.inf)
+    weights = tf.pad(weights, pad)
+    pad_right = self.width - (end or 0)
 
     def body(i, dx):
       rows, cols, a, c, logits = self._slab(i)
       # Padded rows are zero, so the logits they meet add nothing below.
-      q = tf.exp(logits + tf.gather(shift, rows)[:, None])
+      q = (tf.exp(logits - tf.gather(lse, rows)[:, None]) *
+           tf.gather(weights, rows)[:, None])
       if end is not None:
-        col_shift = tf.concat([tf.fill([self.rows], -np.inf),
-                               tf.gather(shift, cols[self.rows:end]),
-                               pad_right], 0)
-        q += tf.exp(logits + col_shift[None, :])
+        col_lse = tf.concat([tf.fill([self.rows], np.inf),
+                             tf.gather(lse, cols[self.rows:end]),
+                             tf.fill([pad_right], np.inf)], 0)
+        col_w = tf.concat([tf.zeros([self.rows]),
+                           tf.gather(weights, cols[self.rows:end]),
+                           tf.zeros([pad_right])], 0)
+        q += tf.exp(logits - col_lse[None, :]) * col_w[None, :]
       dx = tf.tensor_scatter_nd_add(dx, rows[:, None], tf.matmul(q, c))
       return i + 1, tf.tensor_scatter_nd_add(
           dx, cols[:, None], tf.matmul(q, a, transpose_a=True))

@@ -5,8 +5,9 @@ r"""The `supcon-tf` command line: the only module that reads flags.
   supcon-tf --mode=evaluate --workdir=runs/first # redo the report and plots
 
 Modes: `pretrain`, `linear_eval`, `export`, `evaluate`, `train_ce`
-(cross-entropy baseline: `all` with --method=ce) and `all` (pretrain ->
-linear evaluation -> export -> report). Every stage resumes from what the
+(cross-entropy baseline: `all` with --method=ce), `all` (pretrain ->
+linear evaluation -> export -> report) and `embed` (the --embed_split
+embeddings and TensorBoard projector files). Every stage resumes from what the
 work dir already holds. The defaults are the 30-minute CPU budget
 configuration, experiments/cifar10_supcon_cpu30.cfg.
 
@@ -38,6 +39,10 @@ _LINEAR = config_lib.BUDGET_LINEAR
 flags.DEFINE_enum("mode", "all", MODES, "What to run.")
 flags.DEFINE_string("workdir", None, "Directory of the run (resumed if it "
                     "holds one).")
+flags.DEFINE_string(
+    "embed_split", "test", "Split to embed: train, validation or test. "
+    "--mode=embed takes it from the run's dataset, or from --dataset (e.g. "
+    "folder:<path>) when given.")
 flags.DEFINE_string("dataset", _TRAIN.data.dataset,
                     "TFDS name or folder:<path>.")
 flags.DEFINE_string(
@@ -45,8 +50,20 @@ flags.DEFINE_string(
     "dataset. Unset: $TFDS_DATA_DIR, else ~/tensorflow_datasets.")
 flags.DEFINE_enum("method", _TRAIN.method, config_lib.METHODS,
                   "Training method.")
-flags.DEFINE_string("encoder", _TRAIN.model.encoder,
-                    "resnet18/34/50/101/152/200.")
+flags.DEFINE_string(
+    "encoder", _TRAIN.model.encoder,
+    "resnet18/34/50/101/152/200, keras_applications:<Name> or "
+    "keras_hub:<preset>. <Name> is any keras.applications model, e.g. "
+    "MobileNetV3Small or ResNet50; <preset> a keras-hub preset or local "
+    "preset directory (needs pip install keras-hub). Backbones start from "
+    "random weights unless --encoder_weights; --stem and --width apply to "
+    "the ResNets only.")
+flags.DEFINE_string(
+    "encoder_weights", _TRAIN.model.encoder_weights,
+    "Local file of initial encoder weights. A .weights.h5 file of the "
+    "backbone (e.g. keras.applications.ResNet50(include_top=False, "
+    "weights='imagenet').save_weights('r50.weights.h5')) or, for "
+    "keras_hub, a local preset directory.")
 flags.DEFINE_enum("stem", _TRAIN.model.stem, config_lib.STEMS, "ResNet stem.")
 flags.DEFINE_float("width", _TRAIN.model.width, "ResNet width multiplier.")
 flags.DEFINE_enum("head", _TRAIN.model.head, config_lib.HEADS,
@@ -155,6 +172,12 @@ flags.DEFINE_bool("robustness",
                   config_lib.EvalConfig().robustness,
                   "Measure corruption robustness in the "
                   "report.")
+flags.DEFINE_enum(
+    "corruptions", config_lib.EvalConfig().corruptions,
+    config_lib.CORRUPTION_SOURCES, "Which corruptions. auto: CIFAR-10-C "
+    "(cifar10_corrupted) when a cifar10 run finds it prepared in --data_dir, "
+    "else builtin (computed on the fly, offline); cifar10_corrupted: fail "
+    "up front without it.")
 flags.DEFINE_bool(
     "json", False, "Print the JSON report, not the summary table. "
     "It is alone on stdout (progress then goes to stderr) and always in "
@@ -165,11 +188,12 @@ FLAGS = flags.FLAGS
 # `--help` (a line a flag) and `--helpfull` (each description in full): our
 # flags, by stage, in this order. A new flag goes in one group.
 FLAG_GROUPS = (
-    ("run", ("mode", "workdir")),
+    ("run", ("mode", "workdir", "embed_split")),
     ("data", ("dataset", "data_dir", "validation_fraction", "train_examples",
               "image_size", "num_views", "augmentation", "crop_sampling",
               "blur", "eval_crop", "skip_corrupt")),
-    ("model", ("encoder", "stem", "width", "head", "projection_dim")),
+    ("model", ("encoder", "encoder_weights", "stem", "width", "head",
+               "projection_dim")),
     ("loss", ("method", "temperature", "contrast_mode", "summation",
               "denominator", "positives_cap", "queue_size",
               "key_encoder_momentum")),
@@ -181,7 +205,7 @@ FLAG_GROUPS = (
     ("distribution", ("strategy", "cpu_devices")),
     ("linear evaluation", ("linear_epochs", "linear_learning_rates",
                            "linear_batch_size", "linear_augment")),
-    ("export / report", ("robustness", "json")),
+    ("export / report", ("robustness", "corruptions", "json")),
     ("any other setting", ("set",)),
 )
 
@@ -241,7 +265,10 @@ def _train_config_of_flags(method: str) -> config_lib.TrainConfig:
       data=data_config(),
       model=config_lib.ModelConfig(
           encoder=FLAGS.encoder, stem=FLAGS.stem, width=FLAGS.width,
-          head=FLAGS.head, projection_dim=FLAGS.projection_dim),
+          head=FLAGS.head, projection_dim=FLAGS.projection_dim,
+          # Absolute: the stored config must name the same file on resume.
+          encoder_weights=(os.path.abspath(FLAGS.encoder_weights)
+                           if FLAGS.encoder_weights else None)),
       optimizer=config_lib.OptimizerConfig(
           name=FLAGS.optimizer, learning_rate=FLAGS.learning_rate,
           momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay,
@@ -274,8 +301,19 @@ def linear_config() -> config_lib.LinearEvalConfig:
 
 def eval_config() -> config_lib.EvalConfig:
   return config_lib.override(
-      config_lib.EvalConfig(robustness=FLAGS.robustness, seed=FLAGS.seed),
+      config_lib.EvalConfig(robustness=FLAGS.robustness,
+                            corruptions=FLAGS.corruptions, seed=FLAGS.seed),
       _overrides(prefix=_EVAL_PREFIX))
+
+
+def embed_config():
+  """What --mode=embed embeds: an `embeddings.EmbedConfig` (TensorFlow)."""
+  from supcon_tf import embeddings  # pylint: disable=g-import-not-at-top
+  # A dataset other than the run's only when the command line names one.
+  given = {name: FLAGS[name].value for name in ("dataset", "data_dir")
+           if FLAGS[name].present}
+  return embeddings.EmbedConfig(split=FLAGS.embed_split, seed=FLAGS.seed,
+                                **given)
 
 
 def _percent(value) -> str:
@@ -317,7 +355,10 @@ def summary_table(report: dict, workdir: str) -> str:
     if robustness:
       rows.append(("corrupted top-1", (
           f"{_percent(robustness['mean_corrupted_top1'])} mean, clean "
-          f"{_percent(robustness['clean_top1'])}")))
+          f"{_percent(robustness['clean_top1'])}" +
+          # Which corruptions (reports before the CIFAR-10-C choice: none).
+          (f", on {robustness['description']}"
+           if robustness.get("description") else ""))))
   if report.get("export"):
     rows.append(("SavedModel", report["export"]))
   from supcon_tf import rundir  # pylint: disable=g-import-not-at-top
@@ -344,9 +385,15 @@ def main(argv):
   from supcon_tf import pipeline
   from supcon_tf import rundir
   try:
+    embed = embed_config()
     # Before anything is created: a stage without its inputs leaves the
     # work dir (or its absence) as it was.
     pipeline.check_prerequisites(FLAGS.mode, workdir)
+    if (FLAGS.mode in ("all", "train_ce") and FLAGS.robustness and
+        eval_config().corruptions == "cifar10_corrupted"):
+      # A missing CIFAR-10-C fails now, not after the pretraining.
+      from supcon_tf import robustness  # pylint: disable=g-import-not-at-top
+      robustness.choose_corruptions("cifar10_corrupted", config.data)
     os.makedirs(workdir, exist_ok=True)
   except (ValueError, OSError) as e:
     _fail(e)
@@ -360,7 +407,8 @@ def main(argv):
       report = pipeline.run(
           FLAGS.mode, workdir, train=config, linear=linear_config(),
           evaluation_config=eval_config(),
-          strategy=distributed.make_strategy(FLAGS.strategy))
+          strategy=distributed.make_strategy(FLAGS.strategy),
+          embed_config=embed)
   except KeyboardInterrupt:
     _fail("interrupted; run the same command again to resume.")
   except Exception as e:  # pylint: disable=broad-except

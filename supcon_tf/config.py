@@ -11,8 +11,9 @@ import json
 from typing import Iterable, Optional, Tuple
 
 # What `supcon_tf.pipeline.run` (and --mode) runs; `train_ce` is `all` with
-# a cross-entropy pretraining.
-MODES = ("all", "pretrain", "linear_eval", "export", "evaluate", "train_ce")
+# a cross-entropy pretraining; `embed` writes a split's embeddings.
+MODES = ("all", "pretrain", "linear_eval", "export", "evaluate", "train_ce",
+         "embed")
 METHODS = ("supcon", "simclr", "npairs", "ce")
 CONTRAST_MODES = ("all", "one")
 SUMMATIONS = ("out", "in")
@@ -29,11 +30,16 @@ CENTER_CROP_MIN_SIZE = 128
 OPTIMIZERS = ("sgd", "lars", "adamw", "lamb")
 LR_SCHEDULES = ("cosine", "constant")
 STEMS = ("cifar", "imagenet")
+# Encoders `<source>:<name>` beside the built-in `resnet<depth>`.
+ENCODER_SOURCES = ("keras_applications", "keras_hub")
 HEADS = ("mlp", "mlp_bn", "linear")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 # "auto": mixed_bfloat16 where the hardware has bfloat16, else float32.
 PRECISIONS = ("auto", "float32", "mixed_bfloat16", "mixed_float16")
 EMBEDDING_METHODS = ("pca", "tsne")
+# Corruptions of the robustness report: "auto" is CIFAR-10-C when prepared
+# in the data dir (and the run is cifar10), else the built-in ones.
+CORRUPTION_SOURCES = ("auto", "builtin", "cifar10_corrupted")
 
 
 def check_choice(name: str, value: str, choices: Tuple[str, ...]) -> None:
@@ -45,6 +51,15 @@ def check_choice(name: str, value: str, choices: Tuple[str, ...]) -> None:
 def _check_positive(name: str, value) -> None:
   if value is None or value <= 0:
     raise ValueError(f"{name} must be > 0, got {value!r}.")
+
+
+def check_temperature(temperature, name: str = "temperature") -> None:
+  """The one check of every temperature (configs, losses, k-NN): > 0, not NaN.
+
+  Callers that also take a tensor (a schedule) check only python numbers.
+  """
+  if temperature is None or not temperature > 0:
+    raise ValueError(f"{name} must be > 0, got {temperature!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +74,7 @@ class LossConfig:
   block_size: Optional[int] = None
 
   def __post_init__(self):
-    _check_positive("temperature", self.temperature)
+    check_temperature(self.temperature)
     check_choice("contrast_mode", self.contrast_mode, CONTRAST_MODES)
     check_choice("summation", self.summation, SUMMATIONS)
     check_choice("denominator", self.denominator, DENOMINATORS)
@@ -142,9 +157,16 @@ class ModelConfig:
   """Encoder and projection head.
 
   Attributes:
-    encoder: `resnet{18,34,50,101,152,200}`.
-    stem: `cifar` (3x3 stride 1, no max-pool) or `imagenet` (7x7/2 + pool).
-    width: channel multiplier of the ResNet.
+    encoder: `resnet{18,34,50,101,152,200}`, `keras_applications:<Name>`
+      (any `keras.applications` constructor, e.g.
+      `keras_applications:MobileNetV3Small`) or `keras_hub:<preset or
+      local preset directory>` (needs keras-hub).
+    encoder_weights: None (random initialisation) or a local file of
+      initial encoder weights: a `.weights.h5` file of the backbone (for
+      keras_hub also a preset directory).
+    stem: `cifar` (3x3 stride 1, no max-pool) or `imagenet` (7x7/2 + pool);
+      ResNets only.
+    width: channel multiplier of the ResNet (ResNets only).
     head: `mlp`, `mlp_bn` (batch norm before the hidden ReLU) or `linear`
       projection head.
     head_hidden: hidden width of the MLP head (None = representation width).
@@ -159,8 +181,18 @@ class ModelConfig:
   head_hidden: Optional[int] = None
   projection_dim: int = 128
   sync_batch_norm: Optional[bool] = None
+  encoder_weights: Optional[str] = None
 
   def __post_init__(self):
+    source, sep, name = self.encoder.partition(":")
+    if sep and (source not in ENCODER_SOURCES or not name):
+      raise ValueError(
+          f"encoder={self.encoder!r} is not resnet<depth>, "
+          "keras_applications:<Name> or keras_hub:<preset>; e.g. "
+          "keras_applications:MobileNetV3Small.")
+    if self.encoder_weights is not None and not self.encoder_weights:
+      raise ValueError("encoder_weights='' names no file; give a local "
+                       ".weights.h5 path or leave it unset (None).")
     check_choice("stem", self.stem, STEMS)
     check_choice("head", self.head, HEADS)
     _check_positive("width", self.width)
@@ -319,7 +351,13 @@ class EvalConfig:
 
   Attributes:
     robustness: measure corruption robustness (needs the linear classifier).
-    max_examples: test examples used for everything in the report.
+    corruptions: which corruptions, one of CORRUPTION_SOURCES: `auto`
+      (CIFAR-10-C when a cifar10 run finds `cifar10_corrupted` prepared in
+      its data dir, else the built-in ones), `builtin` (computed on the
+      fly; `supcon_tf.robustness.corrupt`) or `cifar10_corrupted` (fails
+      when it is not prepared).
+    max_examples: test examples used for everything in the report (for
+      CIFAR-10-C: the first this many images of each of its sets).
     knn_train_examples: training examples (validation held out) used as
       k-NN neighbours.
     k: k-NN neighbours (lowered to the number of neighbours available).
@@ -329,6 +367,7 @@ class EvalConfig:
     seed: seed of the corruption noise and of t-SNE.
   """
   robustness: bool = True
+  corruptions: str = "auto"
   max_examples: int = 2000
   knn_train_examples: int = 10_000
   k: int = 200
@@ -342,9 +381,11 @@ class EvalConfig:
       value = getattr(self, name)
       if value is None or value < 1:
         raise ValueError(f"EvalConfig.{name} must be >= 1, got {value!r}.")
-    _check_positive("EvalConfig.temperature", self.temperature)
+    check_temperature(self.temperature, "EvalConfig.temperature")
     check_choice("EvalConfig.embedding_method", self.embedding_method,
                  EMBEDDING_METHODS)
+    check_choice("EvalConfig.corruptions", self.corruptions,
+                 CORRUPTION_SOURCES)
 
 
 def to_dict(config) -> dict:

@@ -17,11 +17,13 @@ import tensorflow as tf
 
 from supcon_tf import config as config_lib
 from supcon_tf import data
+from supcon_tf import embeddings
 from supcon_tf import knn
 from supcon_tf import plots
 from supcon_tf import retrieval
 from supcon_tf import robustness
 from supcon_tf import rundir
+from supcon_tf import summaries
 
 
 def top1_accuracy(model: keras.Model, dataset: tf.data.Dataset) -> float:
@@ -41,6 +43,44 @@ def top1_accuracy(model: keras.Model, dataset: tf.data.Dataset) -> float:
     raise ValueError("top1_accuracy got an empty dataset.")
   return correct / total
 
+
+
+
+def _training_curves(workdir, plot_path, notes):
+  """`plots/training_curves.png`, or a note when there are no events."""
+  try:
+    plots.plot_training_curves(
+        workdir, rundir.plot_path(workdir, rundir.TRAINING_CURVES_PLOT))
+    plot_path(rundir.TRAINING_CURVES_PLOT)
+  except ValueError as e:
+    notes.append(f"{rundir.TRAINING_CURVES_PLOT} skipped: {e}")
+
+
+def _show_embeddings(workdir, queries, test, info, config, plot_file):
+  """The 2-D plot and the projector files of the test embeddings."""
+  features, labels = queries
+  plots.plot_embeddings(
+      features, labels, plot_file, class_names=info.class_names,
+      method=config.embedding_method, seed=config.seed,
+      title=f"{_run_name(workdir)}: {len(labels)} test embeddings")
+  # The embeddings the k-NN used, not a second pass of the encoder.
+  return embeddings.write_projector(
+      features, labels, rundir.projector_dir(workdir),
+      class_names=info.class_names, images=test, seed=config.seed)
+
+def _robustness(workdir, classifier, test, data_config, config, plot_file):
+  """Writes `robustness.json` and its plot; returns the result dict."""
+  result = robustness.evaluate_robustness(
+      classifier, test, data_config, corruptions=config.corruptions,
+      max_examples=config.max_examples, batch_size=config.batch_size,
+      seed=config.seed)
+  logging.info("corruption robustness on %s: mean top-1 %.4f",
+               result["description"], result["mean_corrupted_top1"])
+  rundir.atomic_write(rundir.robustness_path(workdir),
+                      json.dumps(result, indent=2))
+  plots.plot_robustness({_run_name(workdir): robustness.plotted(result)},
+                        plot_file)
+  return result
 
 def _first(dataset: tf.data.Dataset, count: Optional[int],
            batch_size: int) -> tf.data.Dataset:
@@ -67,6 +107,8 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
   """kNN accuracy, retrieval, corruption robustness and figures of a run.
 
   Writes, under `workdir`:
+    * `evaluation/`: the k-NN top-1, retrieval and robustness numbers as
+      TensorBoard scalars (`summaries.evaluation_scalars`);
     * `retrieval.json`: Recall@1/5/10 and mAP@R of the test images as
       queries against the k-NN neighbours as gallery (same label =
       relevant), in the encoder's space and, given `projection`, in the
@@ -74,8 +116,12 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
     * `plots/training_curves.png` from the `pretrain/train` TensorBoard
       events (skipped, with a note, when there are none);
     * `plots/embeddings.png`: 2-D projection of the test embeddings;
-    * with `robustness`: `robustness.json` (the `corruption_robustness`
-      result) and `plots/robustness.png`.
+    * `projector/`: TensorBoard Embedding Projector files of a sample of
+      those embeddings, with thumbnails (`embeddings.write_projector`);
+    * with `robustness`: `robustness.json` (the
+      `robustness.evaluate_robustness` result: CIFAR-10-C when prepared in
+      the data dir, else the built-in corruptions; `config.corruptions`)
+      and `plots/robustness.png`.
 
   The test examples are the first `config.max_examples` of the test split,
   the kNN neighbours the first `config.knn_train_examples` of the train split
@@ -98,11 +144,14 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
     A JSON-ready dict: `{"knn_top1": float, "knn_k": int,
     "knn_train_examples": int, "test_examples": int, "retrieval": as in
     `retrieval.json`, "robustness": the
-    `corruption_robustness` dict or None, "plots": [paths of the written
-    PNGs, relative to workdir], "notes": [what was skipped and why]}`.
+    `evaluate_robustness` dict or None, "plots": [paths of the written
+    PNGs, relative to workdir], "projector": {"dir": relative to workdir,
+    "examples": rows in its sample}, "notes": [what was skipped and why]}`.
 
   Raises:
-    ValueError: `config.robustness` without a classifier.
+    ValueError: `config.robustness` without a classifier;
+      `config.corruptions="cifar10_corrupted"` without CIFAR-10-C prepared
+      (`robustness.choose_corruptions`).
   """
   config = config or config_lib.EvalConfig()
   if config.robustness and classifier is None:
@@ -116,12 +165,7 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
     written.append(os.path.join(rundir.PLOTS_DIR, name))
     return rundir.plot_path(workdir, name)
 
-  try:
-    plots.plot_training_curves(
-        workdir, rundir.plot_path(workdir, rundir.TRAINING_CURVES_PLOT))
-    plot_path(rundir.TRAINING_CURVES_PLOT)
-  except ValueError as e:
-    notes.append(f"{rundir.TRAINING_CURVES_PLOT} skipped: {e}")
+  _training_curves(workdir, plot_path, notes)
 
   info = data.dataset_info(data_config)
   test = _first(data.eval_dataset(data_config, "test", batch_size=batch_size),
@@ -134,20 +178,16 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
   knn_top1, k_used = _knn_top1(queries, gallery, config, info.num_classes)
   spaces = _retrieval(workdir, queries, gallery, projection, test, train)
 
-  plots.plot_embeddings(
-      queries[0], test_labels, plot_path(rundir.EMBEDDINGS_PLOT),
-      class_names=info.class_names, method=config.embedding_method,
-      seed=config.seed,
-      title=f"{_run_name(workdir)}: {len(test_labels)} test embeddings")
+  projector = _show_embeddings(workdir, queries, test, info, config,
+                               plot_path(rundir.EMBEDDINGS_PLOT))
 
   robustness_result = None
   if config.robustness:
-    robustness_result = robustness.corruption_robustness(
-        classifier, test, seed=config.seed)
-    rundir.atomic_write(rundir.robustness_path(workdir),
-                        json.dumps(robustness_result, indent=2))
-    plots.plot_robustness({_run_name(workdir): robustness_result},
-                          plot_path(rundir.ROBUSTNESS_PLOT))
+    robustness_result = _robustness(workdir, classifier, test, data_config,
+                                    config, plot_path(rundir.ROBUSTNESS_PLOT))
+  summaries.write_evaluation(rundir.evaluation_events_dir(workdir), {
+      "knn_top1": knn_top1, "retrieval": spaces,
+      "robustness": robustness_result})
   return {
       "knn_top1": knn_top1,
       "knn_k": k_used,
@@ -156,6 +196,8 @@ def evaluate_workdir(workdir: str, *, encoder: keras.Model,
       "retrieval": spaces,
       "robustness": robustness_result,
       "plots": written,
+      "projector": {"dir": rundir.PROJECTOR_DIR,
+                    "examples": int(len(projector.rows))},
       "notes": notes,
   }
 

@@ -97,7 +97,7 @@ def _simclr_box(shape, seed, crop_scale, aspect_ratio):
   As SimCLR's TF code: the aspect ratio is uniform and the crop height is
   uniform between the heights of the smallest and largest allowed areas, so
   areas lean small (median 0.46 of a square image at `crop_scale=(0.2, 1)`,
-  `tests/augment_test.py`).
+  `tests/image_ops_test.py`).
   """
   whole_image = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4])
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
@@ -115,7 +115,7 @@ def _torchvision_box(shape, seed, crop_scale, aspect_ratio, tries=10):
   `tries` boxes that fits in the image wins, and when none fits the centre
   crop of the clamped aspect ratio is used. At (0.2, 1) the proposals have
   median area 0.6; large boxes off the square aspect do not fit, so the
-  median of a square image's crops is 0.54 (`tests/augment_test.py`).
+  median of a square image's crops is 0.54 (`tests/image_ops_test.py`).
   """
   height = tf.cast(shape[0], tf.float32)
   width = tf.cast(shape[1], tf.float32)

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from supcon_tf import classifier as classifier_lib
+from supcon_tf import config as config_lib
 
 # Test rows per similarity block: the block is [chunk, num_train] floats.
 DEFAULT_CHUNK_SIZE = 256
@@ -67,8 +68,7 @@ def knn_predict(train_features, train_labels, test_features, *, k: int,
   train_labels = np.asarray(train_labels).reshape(-1)
   if k is None or k < 1:
     raise ValueError(f"k must be >= 1, got {k!r}.")
-  if temperature is None or temperature <= 0:
-    raise ValueError(f"temperature must be > 0, got {temperature!r}.")
+  config_lib.check_temperature(temperature)
   if num_classes is None or num_classes < 1:
     raise ValueError(f"num_classes must be >= 1, got {num_classes!r}.")
   if chunk_size < 1:

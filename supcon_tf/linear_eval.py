@@ -47,6 +47,7 @@ from supcon_tf import config as config_lib
 from supcon_tf import data
 from supcon_tf import linear_backup
 from supcon_tf import rundir
+from supcon_tf import summaries
 
 RESULT_FILE = rundir.LINEAR_EVAL_FILE
 BACKUP_DIR = rundir.LINEAR_BACKUP_DIR
@@ -137,7 +138,7 @@ def linear_eval(encoder: keras.Model,
       `encoder.predict_on_batch`, under the strategy the encoder was built
       in.
     workdir: optional directory; makes the run resumable and receives
-      `linear_eval.json` with the result.
+      `linear_eval.json` with the result and per-rate TensorBoard curves.
     datasets: optional `{"train": ds, "validation": ds or None, "test": ds}`
       of `(images [batch, H, W, 3]` float32 in [0, 1], `labels [batch]`
       int) batches replacing the `data_config` pipelines; used as given
@@ -194,7 +195,8 @@ def linear_eval(encoder: keras.Model,
         train=_train_stream(splits, config, data_config, cached,
                             custom=datasets is not None),
         steps_per_epoch=steps_per_epoch, validation=validation,
-        verbose=verbose)
+        verbose=verbose, curves_dir=workdir and rundir.linear_curves_dir(
+            workdir, learning_rate))
     if verbose:
       logging.info("Linear eval: learning rate %g done; best so far: %s.",
                    learning_rate, selection.best)
@@ -252,17 +254,20 @@ def _epoch_and_validation(splits, config, cached):
 
 def _fit_learning_rate(model, dense, index, learning_rate, *, strategy,
                        config, selection, backup_root, top5_k, train,
-                       steps_per_epoch, validation, verbose):
+                       steps_per_epoch, validation, verbose, curves_dir=None):
   """Trains the linear layer at one learning rate, resuming its backup.
 
   Every epoch's validation scores go to `selection` (which keeps the best
   weights); with `backup_root`, every epoch is backed up under
-  `lr<index>/` and a rerun continues after the last backed-up epoch.
+  `lr<index>/` and a rerun continues after the last backed-up epoch. With
+  `curves_dir`, every epoch's metrics go to TensorBoard there.
   """
   with strategy.scope():
     _compile(model, _optimizer(config, learning_rate,
                                steps_per_epoch * config.epochs), top5_k)
   callbacks = [linear_backup.EpochRecorder(selection, index, dense)]
+  if curves_dir:
+    callbacks.insert(0, summaries.LinearEvalCurves(curves_dir, strategy))
   done = 0
   if backup_root:
     backup = linear_backup.EpochBackup(

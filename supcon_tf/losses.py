@@ -325,8 +325,8 @@ def _validate_options(temperature, contrast_mode, summation, denominator):
   config_lib.check_choice("contrast_mode", contrast_mode, CONTRAST_MODES)
   config_lib.check_choice("summation", summation, SUMMATIONS)
   config_lib.check_choice("denominator", denominator, DENOMINATORS)
-  if not isinstance(temperature, tf.Tensor) and not temperature > 0:
-    raise ValueError(f"temperature must be > 0, got {temperature!r}.")
+  if not isinstance(temperature, tf.Tensor):
+    config_lib.check_temperature(temperature)
 
 
 def validate_labels(labels, batch, features_shape):

@@ -5,6 +5,7 @@ against (the formulation of the original SupCon Keras example).
 import keras
 import tensorflow as tf
 
+from supcon_tf import config as config_lib
 from supcon_tf import distributed
 from supcon_tf import losses
 
@@ -39,8 +40,7 @@ def npairs_loss(features, labels, *, temperature=1.0, gather=False):
   if features.shape.rank != 2:
     raise ValueError("npairs_loss takes features [batch, dim] or "
                      f"[batch, 1, dim]; got shape {features.shape}.")
-  if not temperature > 0:
-    raise ValueError(f"temperature must be > 0, got {temperature!r}.")
+  config_lib.check_temperature(temperature)
   labels = losses.validate_labels(tf.convert_to_tensor(labels), features.shape[0],
                             features.shape)
   if labels.dtype == tf.bool:

@@ -26,11 +26,13 @@ import tensorflow as tf
 from supcon_tf import config as config_lib
 from supcon_tf import data
 from supcon_tf import distributed
+from supcon_tf import embeddings
 from supcon_tf import evaluation
 from supcon_tf import export
 from supcon_tf import linear_eval
 from supcon_tf import pretrained
 from supcon_tf import rundir
+from supcon_tf import summaries
 from supcon_tf import train_lib
 
 # Stages each mode runs after (optional) pretraining.
@@ -41,6 +43,7 @@ _LATER_STAGES = {
     "linear_eval": ("linear_eval",),
     "export": ("export",),
     "evaluate": ("evaluate",),
+    "embed": ("embed",),
 }
 
 
@@ -51,13 +54,13 @@ def check_prerequisites(mode: str, workdir: str) -> None:
   it was.
 
   Raises:
-    ValueError: an unknown mode; `linear_eval`, `export` or `evaluate`
-      without a pretraining configuration and checkpoint; `export` or
+    ValueError: an unknown mode; `linear_eval`, `export`, `evaluate` or
+      `embed` without a pretraining configuration and checkpoint; `export` or
       `evaluate` without the linear classifier.
   """
   if mode not in config_lib.MODES:
     raise ValueError(f"mode={mode!r} is not one of {list(config_lib.MODES)}.")
-  if mode not in ("linear_eval", "export", "evaluate"):
+  if mode not in ("linear_eval", "export", "evaluate", "embed"):
     return
   pretrain_dir = rundir.pretrain_dir(workdir)
   checkpoints = rundir.checkpoints_dir(pretrain_dir)
@@ -75,7 +78,7 @@ def check_prerequisites(mode: str, workdir: str) -> None:
     raise ValueError(f"no pretraining configuration {config_path} beside "
                      "the checkpoints: run --mode=pretrain (or all) first.")
   classifier = rundir.classifier_path(workdir)
-  if mode != "linear_eval" and not os.path.exists(classifier):
+  if mode in ("export", "evaluate") and not os.path.exists(classifier):
     raise ValueError(f"no linear classifier {classifier}: run "
                      "--mode=linear_eval (or all) first.")
 
@@ -84,13 +87,15 @@ def run(mode: str, workdir: str, *, train: config_lib.TrainConfig,
         linear: config_lib.LinearEvalConfig,
         evaluation_config: Optional[config_lib.EvalConfig] = None,
         strategy: Optional[tf.distribute.Strategy] = None,
-        verbose: bool = True) -> dict:
+        verbose: bool = True,
+        embed_config: Optional[embeddings.EmbedConfig] = None) -> dict:
   """Runs (or resumes) the stages of `mode` in `workdir`.
 
   Args:
     mode: one of `config.MODES`: `all` (pretrain, linear evaluation,
       export, report), `train_ce` (the same; `train.method` should be
-      `ce`), `pretrain`, `linear_eval`, `export` or `evaluate`.
+      `ce`), `pretrain`, `linear_eval`, `export`, `evaluate` or `embed`
+      (a split's embeddings and projector files; needs only pretraining).
     workdir: the run directory (created).
     train: the pretraining configuration (used by pretraining; the later
       stages read the one stored in the work dir).
@@ -100,6 +105,7 @@ def run(mode: str, workdir: str, *, train: config_lib.TrainConfig,
       multi-worker strategy every worker pretrains; the later stages run on
       the chief alone, on one device, while the others wait for it.
     verbose: one console line per stage and progress bars.
+    embed_config: what `embed` embeds (default `EmbedConfig()`).
 
   Returns:
     The report, also written to `report.json` (by the chief).
@@ -112,6 +118,13 @@ def run(mode: str, workdir: str, *, train: config_lib.TrainConfig,
   if os.path.exists(report_path):
     with open(report_path) as f:
       report = json.load(f)
+
+  def save_report():
+    # After every stage: a later stage's crash keeps what earlier ones made.
+    if chief:
+      rundir.atomic_write(report_path,
+                          json.dumps(report, indent=2, sort_keys=True))
+
   if mode in ("all", "train_ce", "pretrain"):
     start = time.time()
     result = train_lib.pretrain(train, rundir.pretrain_dir(workdir), strategy,
@@ -124,6 +137,7 @@ def run(mode: str, workdir: str, *, train: config_lib.TrainConfig,
                             "seconds_this_run": round(time.time() - start, 1)}
       if result.extended_from is not None:
         report["pretrain"]["extended_from_steps"] = result.extended_from
+      save_report()
   if chief and _LATER_STAGES[mode]:
     # Linear evaluation on cached features costs a small fraction of
     # pretraining, and alone the chief needs no collectives with workers
@@ -132,20 +146,24 @@ def run(mode: str, workdir: str, *, train: config_lib.TrainConfig,
              if distributed.is_multi_worker(strategy) else strategy)
     _later_stages(_LATER_STAGES[mode], workdir, report, linear,
                   evaluation_config or config_lib.EvalConfig(), local,
-                  verbose)
+                  verbose, embed_config or embeddings.EmbedConfig(),
+                  save_report)
   # Workers that are done wait for the chief's stages before leaving (not
   # after a failure: a worker still inside a training collective would wait
   # for this one forever; leaving lets the cluster report the error).
   distributed.wait_for_workers(strategy)
+  save_report()
   if chief:
-    rundir.atomic_write(report_path,
-                        json.dumps(report, indent=2, sort_keys=True))
+    summaries.write_hparams(workdir, report)  # TensorBoard's HParams.
   return report
 
 
 def _later_stages(stages, workdir, report, linear, evaluation_config,
-                  strategy, verbose):
-  """Linear evaluation, export and report on the stored pretraining run."""
+                  strategy, verbose, embed_config, save_report):
+  """Linear evaluation, export, report, embeddings of the pretraining run.
+
+  Fills `report` and calls `save_report()` after each stage.
+  """
   pretrain_dir = rundir.pretrain_dir(workdir)
   config = rundir.load_config(pretrain_dir)
   encoder = pretrained.restore_encoder(pretrain_dir, config)
@@ -170,6 +188,7 @@ def _later_stages(stages, workdir, report, linear, evaluation_config,
       # The probe on the frozen CE encoder is the comparable number; the
       # head CE trained with it is what a CE user would deploy.
       report["ce_head"] = _ce_head_accuracy(pretrain_dir, config)
+    save_report()
   if "export" in stages or "evaluate" in stages:
     classifier = load_classifier(workdir)  # As saved: what is served.
   if "export" in stages:
@@ -179,6 +198,7 @@ def _later_stages(stages, workdir, report, linear, evaluation_config,
         class_names=data.dataset_info(config.data).class_names,
         eval_crop=config.data.resolved_eval_crop)
     report["export"] = path
+    save_report()
     say(f"exported to {path}")
   if "evaluate" in stages:
     say("evaluation: k-NN accuracy, retrieval, "
@@ -189,6 +209,22 @@ def _later_stages(stages, workdir, report, linear, evaluation_config,
         data_config=config.data, config=evaluation_config,
         projection=None if config.method == "ce" else
         pretrained.restore_projection(pretrain_dir, config))
+    save_report()
+    projector = os.path.join(workdir, report["evaluation"]["projector"]["dir"])
+    say(f"projector: {report['evaluation']['projector']['examples']:,} test "
+        f"embeddings in {projector} (tensorboard --logdir {projector})")
+  if "embed" in stages:
+    # A CE run has no projection head: embed_workdir says so.
+    wants_head = embed_config.space == "projection" and config.method != "ce"
+    report["embed"] = done = embeddings.embed_workdir(
+        workdir, encoder=encoder, data_config=config.data,
+        config=embed_config, projection=(
+            pretrained.restore_projection(pretrain_dir, config)
+            if wants_head else None))
+    save_report()
+    say(f"embeddings: {done['examples']:,} {done['split']} images, "
+        f"{done['dim']}-d {done['space']} space, in {done['dir']}; "
+        f"projector: tensorboard --logdir {done['projector']}")
 
 
 def _ce_head_accuracy(pretrain_dir, config) -> dict:

@@ -7,6 +7,8 @@ cross-entropy run's own classifier. Both build on one device whatever the run tr
 refuse (rather than silently fall back to) a damaged newest checkpoint.
 """
 
+import dataclasses
+
 import keras
 import tensorflow as tf
 
@@ -79,8 +81,11 @@ def _restore(workdir, config, input_shape, with_head=False,
   previous_policy = keras.mixed_precision.global_policy()
   precision.set_global_policy(config.precision)
   try:
-    encoder = models.build_encoder(config.model, input_shape=input_shape,
-                                   num_replicas=1)
+    # The checkpoint sets every weight: the starting weights file the run
+    # began from is not read again (it need not exist any more).
+    encoder = models.build_encoder(
+        dataclasses.replace(config.model, encoder_weights=None),
+        input_shape=input_shape, num_replicas=1)
     parts = {"encoder": encoder}
     if with_head:
       parts["head"] = objectives.get(config.method).build_head(

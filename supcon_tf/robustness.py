@@ -6,6 +6,10 @@ corruptions (Gaussian noise, Gaussian blur, JPEG) at severities 1..5 with the
 CIFAR-10-C parameters, on the fly, to float images in [0, 1];
 `corruption_robustness` reports a classifier's top-1 on each, and
 `compare_robustness` / `robustness_table` put several runs side by side.
+
+`evaluate_robustness` (the report's entry point) measures a cifar10 run on
+CIFAR-10-C itself (`supcon_tf.cifar10_corrupted`) when TFDS has it prepared
+in the data dir, and falls back to these built-in corruptions otherwise.
 """
 
 import json
@@ -15,6 +19,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from supcon_tf import cifar10_corrupted
+from supcon_tf import config as config_lib
 from supcon_tf import plots
 from supcon_tf import rundir
 
@@ -240,6 +246,109 @@ def corruption_robustness(classifier: keras.Model, dataset: tf.data.Dataset,
       "num_examples": seen,
       "seed": int(seed),
   }
+
+
+# ----------------------------------------------------------------------------
+# The report: CIFAR-10-C when prepared, else the built-in corruptions.
+
+BUILTIN = "builtin"
+
+
+def choose_corruptions(corruptions: str, data_config: config_lib.DataConfig
+                       ) -> Tuple[str, str]:
+  """Which corruptions `EvalConfig.corruptions` means for this run.
+
+  Looks for prepared files only; nothing is downloaded.
+
+  Returns:
+    `(source, description)`: `"cifar10_corrupted"` or `"builtin"`, and what
+    the report calls them, e.g. "built-in corruptions (CIFAR-10-C not found
+    in /data)".
+
+  Raises:
+    ValueError: an unknown choice; `cifar10_corrupted` for a dataset other
+      than cifar10, or with no CIFAR-10-C corruption prepared at all five
+      severities in the data dir (the message gives the `tfds build`
+      command).
+  """
+  config_lib.check_choice("corruptions", corruptions,
+                          config_lib.CORRUPTION_SOURCES)
+  if corruptions == BUILTIN:
+    return BUILTIN, "built-in corruptions (corruptions=builtin)"
+  dataset = data_config.dataset.split(":")[0]  # Drop a ":<version>".
+  if dataset != "cifar10":
+    if corruptions == cifar10_corrupted.NAME:
+      raise ValueError(
+          f"corruptions={corruptions!r} needs dataset 'cifar10' (CIFAR-10-C "
+          f"corrupts its test images), got {data_config.dataset!r}; use "
+          "corruptions='auto' or 'builtin'.")
+    return BUILTIN, ("built-in corruptions (CIFAR-10-C is for cifar10, not "
+                     f"{data_config.dataset})")
+  found, _ = cifar10_corrupted.complete_corruptions(data_config.data_dir)
+  where = cifar10_corrupted.searched_data_dir(data_config.data_dir)
+  if found:
+    return cifar10_corrupted.NAME, f"CIFAR-10-C from {where}"
+  if corruptions == cifar10_corrupted.NAME:
+    raise ValueError(
+        f"corruptions='cifar10_corrupted' but CIFAR-10-C is not prepared in "
+        f"data_dir={where!r}: build it with "
+        f"`{cifar10_corrupted.build_command(data_config.data_dir)}` (a "
+        "2.9 GB download), or use corruptions='auto' or 'builtin'.")
+  return BUILTIN, f"built-in corruptions (CIFAR-10-C not found in {where})"
+
+
+def evaluate_robustness(classifier: keras.Model, test: tf.data.Dataset,
+                        data_config: config_lib.DataConfig, *,
+                        corruptions: str = "auto",
+                        max_examples: Optional[int] = None,
+                        batch_size: int = 256, seed: int = 0
+                        ) -> Dict[str, Any]:
+  """A run's corruption robustness: CIFAR-10-C or the built-in corruptions.
+
+  Args:
+    classifier: Keras model mapping float32 images in [0, 1],
+      `[batch, H, W, C]`, to logits `[batch, num_classes]`.
+    test: the clean test images, `(images [batch, H, W, C]` float in [0, 1],
+      `labels [batch])`, already cut to the examples to use.
+    data_config: the run's data configuration (dataset, data dir, image
+      size and evaluation crop).
+    corruptions: `EvalConfig.corruptions` (see `choose_corruptions`).
+    max_examples: CIFAR-10-C images used per set (the first ones in
+      TFDS's order, the same images in every set); None: all 10,000.
+    batch_size: CIFAR-10-C batch size.
+    seed: noise seed of the built-in corruptions.
+
+  Returns:
+    The `corruption_robustness` dict (built-in) or the
+    `cifar10_corrupted.cifar10_corrupted_robustness` dict, either with
+    `"corruptions"` (`"builtin"` or `"cifar10_corrupted"`), `"description"`
+    (what they are, and for the fallback why) and
+    `"relative_corrupted_top1"` (mean corrupted top-1 / clean top-1, None
+    for a clean top-1 of 0).
+
+  Raises:
+    ValueError: see `choose_corruptions`.
+  """
+  source, description = choose_corruptions(corruptions, data_config)
+  if source == cifar10_corrupted.NAME:
+    clean = corruption_robustness(classifier, test, kinds=())["clean_top1"]
+    return cifar10_corrupted.cifar10_corrupted_robustness(
+        classifier, data_config, clean_top1=clean, max_examples=max_examples,
+        batch_size=batch_size)
+  result = corruption_robustness(classifier, test, seed=seed)
+  clean, mean = result["clean_top1"], result["mean_corrupted_top1"]
+  return {"corruptions": BUILTIN, "description": description, **result,
+          "relative_corrupted_top1": mean / clean if clean else None}
+
+
+def plotted(result: Mapping[str, Any]) -> Mapping[str, Any]:
+  """What `plots.plot_robustness` draws of an `evaluate_robustness` result.
+
+  CIFAR-10-C: one panel per corruption family (`family_summary`), not 19.
+  """
+  if result.get("corruptions") == cifar10_corrupted.NAME:
+    return cifar10_corrupted.family_summary(result)
+  return result
 
 
 # ----------------------------------------------------------------------------

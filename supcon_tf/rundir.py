@@ -9,6 +9,7 @@ only this module spells them):
     <workdir>/pretrain/train/                 TensorBoard events
     <workdir>/linear_eval/classifier.keras    the linear classifier
     <workdir>/linear_eval/linear_eval.json    the linear evaluation's result
+    <workdir>/linear_eval/lr_<rate>/          TensorBoard curves of one rate
     <workdir>/linear_eval/linear_backup/      crash-safe linear-eval state,
         run.json (its settings), state.json (records and selection),
         best-*.npz (the best weights), lr<i>/backup.json and lr<i>/*.weights.h5
@@ -16,9 +17,18 @@ only this module spells them):
     <workdir>/export/                         the SavedModel
     <workdir>/retrieval.json                  Recall@k and mAP@R (evaluate)
     <workdir>/robustness.json                 corruption robustness (evaluate)
+    <workdir>/evaluation/                     TensorBoard scalars (evaluate)
+    <workdir>/hparams/                        TensorBoard HParams session
     <workdir>/plots/training_curves.png       figures (evaluate)
     <workdir>/plots/embeddings.png
     <workdir>/plots/robustness.png
+    <workdir>/projector/                      TensorBoard Embedding Projector
+        files of a sample of the test embeddings (evaluate):
+        embeddings.ckpt-1.* and checkpoint (the sample), metadata.tsv (label,
+        class), sprite.png (thumbnails), projector_config.pbtxt, and an
+        events file that makes the folder a TensorBoard run
+    <workdir>/embeddings/[<dataset>_]<split>[_projection]/  (embed)
+        embeddings.npy, labels.npy, and projector/ as above for a sample
 
 Imports only `config`, so that every stage (training, linear evaluation,
 evaluation, plots, the CLI) can use it without importing the others.
@@ -28,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Callable, Dict, Iterable, Optional, Union
 
 import tensorflow as tf
@@ -41,6 +52,10 @@ REPORT_FILE = "report.json"
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
 EVENTS_DIR = "train"
+# TensorBoard runs beside the pretraining one (`supcon_tf.summaries`).
+LINEAR_CURVES_PREFIX = "lr_"
+EVALUATION_EVENTS_DIR = "evaluation"
+HPARAMS_DIR = "hparams"
 CLASSIFIER_FILE = "classifier.keras"
 LINEAR_BACKUP_DIR = "linear_backup"
 PLOTS_DIR = "plots"
@@ -55,6 +70,15 @@ LINEAR_EPOCH_BACKUP_FILE = "backup.json"
 TRAINING_CURVES_PLOT = "training_curves.png"
 EMBEDDINGS_PLOT = "embeddings.png"
 ROBUSTNESS_PLOT = "robustness.png"
+# Embeddings (`supcon_tf.embeddings`); TensorBoard names its
+# projector_config.pbtxt itself.
+EMBEDDINGS_DIR = "embeddings"
+EMBEDDINGS_FILE = "embeddings.npy"
+EMBEDDING_LABELS_FILE = "labels.npy"
+PROJECTOR_DIR = "projector"
+PROJECTOR_METADATA_FILE = "metadata.tsv"
+PROJECTOR_SPRITE_FILE = "sprite.png"
+PROJECTOR_CHECKPOINT_NAME = "embeddings.ckpt"
 # Checkpoint `<CHECKPOINT_NAME>-<step>` is the files `<prefix>.index`, ...
 CHECKPOINT_NAME = "ckpt"
 CHECKPOINT_INDEX_SUFFIX = ".index"
@@ -120,6 +144,21 @@ def run_events_dir(run_dir: str) -> str:
   return os.path.join(run_dir, EVENTS_DIR)
 
 
+def linear_curves_dir(linear_dir: str, learning_rate: float) -> str:
+  """TensorBoard run of one learning rate in `<workdir>/linear_eval`."""
+  return os.path.join(linear_dir,
+                      f"{LINEAR_CURVES_PREFIX}{float(learning_rate):g}")
+
+
+def evaluation_events_dir(workdir: str) -> str:
+  return os.path.join(workdir, EVALUATION_EVENTS_DIR)
+
+
+def hparams_dir(workdir: str) -> str:
+  """The run's HParams session: hyperparameters and final metrics."""
+  return os.path.join(workdir, HPARAMS_DIR)
+
+
 def linear_result_path(linear_dir: str) -> str:
   """`linear_dir` is a linear-eval directory (`<workdir>/linear_eval`)."""
   return os.path.join(linear_dir, LINEAR_EVAL_FILE)
@@ -170,6 +209,37 @@ def robustness_path(workdir: str) -> str:
 
 def retrieval_path(workdir: str) -> str:
   return os.path.join(workdir, RETRIEVAL_FILE)
+
+
+def embeddings_dir(workdir: str, split: str, *, space: str = "encoder",
+                   dataset: Optional[str] = None) -> str:
+  """Where `--mode=embed` writes the embeddings of one split.
+
+  `<workdir>/embeddings/[<dataset>_]<split>[_projection]`: `dataset` names
+  a dataset other than the run's (`folder:<path>` by its last folder), and
+  `space` is "encoder" or "projection".
+  """
+  name = split if space == "encoder" else f"{split}_{space}"
+  if dataset:
+    if dataset.startswith("folder:"):
+      dataset = os.path.basename(os.path.normpath(dataset[len("folder:"):]))
+    # A file name whatever the TFDS name or folder holds ("cifar10:3.0.2").
+    name = f"{re.sub(r'[^A-Za-z0-9.-]+', '-', dataset).strip('-.')}_{name}"
+  return os.path.join(workdir, EMBEDDINGS_DIR, name)
+
+
+def embeddings_path(directory: str) -> str:
+  """`directory` is one of `embeddings_dir` (or any `write_embeddings` dir)."""
+  return os.path.join(directory, EMBEDDINGS_FILE)
+
+
+def embedding_labels_path(directory: str) -> str:
+  return os.path.join(directory, EMBEDDING_LABELS_FILE)
+
+
+def projector_dir(directory: str) -> str:
+  """The projector files of a work dir (evaluate) or an embeddings dir."""
+  return os.path.join(directory, PROJECTOR_DIR)
 
 
 def atomic_write(path: str, contents: Union[str, bytes]) -> None:

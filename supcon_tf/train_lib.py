@@ -33,6 +33,7 @@ from supcon_tf import objectives
 from supcon_tf import optimizers
 from supcon_tf import precision
 from supcon_tf import rundir
+from supcon_tf import summaries
 
 
 @dataclasses.dataclass
@@ -245,7 +246,8 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
   """Runs (or resumes) a pretraining run in `workdir`.
 
   Writes `config.json`, checkpoints under `checkpoints/` (model, optimizer
-  and step), and TensorBoard summaries under `train/`. A resumed run
+  and step), and TensorBoard summaries under `train/` (a new run's first
+  views too, `summaries.write_views`). A resumed run
   rebuilds its input pipeline at the restored step, so it continues on
   exactly the batches an uninterrupted run would see, under every
   strategy. A crash loses at most the steps since the last checkpoint. A
@@ -298,6 +300,10 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
       length=lambda c: total_steps(c, steps_per_epoch))
   if restored and verbose:
     logging.info("Resumed from %s at step %d.", restored, step)
+  if step == 0 and saver.chief:  # A new run shows its views, once.
+    summaries.write_views(rundir.run_events_dir(workdir), summaries.first_views(
+        config, trainer.objective.num_views(config.data.num_views),
+        dataset_fn=dataset_fn))
   iterator = iter(strategy.distribute_datasets_from_function(
       lambda context: pipeline_fn(context, _batches_delivered(step, context))))
   if verbose:

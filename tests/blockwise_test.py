@@ -9,7 +9,6 @@ import tensorflow as tf
 
 import conftest
 from supcon_tf import blockwise
-from supcon_tf import blockwise_symmetric
 from supcon_tf import losses
 
 TOL = 1e-5
@@ -111,28 +110,6 @@ def test_every_kernel_matches_dense(contrast_mode, cap, weighted):
   for loss, grad in results:
     np.testing.assert_allclose(loss, want[0], rtol=TOL, atol=TOL)
     np.testing.assert_allclose(grad, want[2], rtol=TOL, atol=TOL)
-
-
-@pytest.mark.parametrize("n", [2, 3, 7, 8, 12, 33])
-def test_symmetric_sweeps(n):
-  # Every block plan: one block, odd and even block counts, padded rows.
-  rng = np.random.default_rng(n)
-  x = tf.constant(rng.normal(size=(n, 6)).astype(np.float32))
-  weights = rng.uniform(size=n).astype(np.float32)
-  weights[rng.uniform(size=n) < 0.2] = 0.0
-  with tf.GradientTape() as tape:
-    tape.watch(x)
-    logits = tf.matmul(x, x, transpose_b=True) * 3.0
-    logits = tf.where(tf.eye(n, dtype=tf.bool), -np.inf, logits)
-    want = tf.reduce_logsumexp(logits, 1)
-    total = tf.reduce_sum(want * weights)
-  want_grad = tape.gradient(total, x).numpy() / 3.0
-  for block in (1, 2, 3, 4, 5, 64):
-    sweeps = blockwise_symmetric.SymmetricSweeps(x, 3.0, block)
-    np.testing.assert_allclose(sweeps.logsumexp(), want, rtol=TOL)
-    np.testing.assert_allclose(sweeps.gradient(weights), want_grad,
-                               rtol=TOL, atol=TOL * np.abs(want_grad).max(),
-                               err_msg=f"block={block}")
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 3, 5, 8, 64])

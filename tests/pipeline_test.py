@@ -60,13 +60,6 @@ def test_train_ce_reports_the_head_it_trained(tmp_path):
       model.get_layer("classifier").kernel.numpy(), reader.get_tensor(key))
 
 
-def test_contrastive_runs_have_no_ce_head(tmp_path):
-  with pytest.raises(ValueError, match="only method='ce'"):
-    pretrained.restore_ce_model(str(tmp_path), tiny_train("supcon"), 10)
-  with pytest.raises(ValueError, match="no projection head"):
-    pretrained.restore_projection(str(tmp_path), tiny_train("ce"))
-
-
 def test_contrastive_run_retrieves_in_both_spaces(tmp_path):
   workdir = str(tmp_path / "run")
   with conftest.mock_tfds(tmp_path, num_examples=16, num_train=20):
@@ -148,3 +141,23 @@ def test_full_disk_at_the_classifier_is_one_line_and_keeps_the_old_one(
 
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_crash_in_a_later_stage_keeps_the_earlier_stages_report(
+    tmp_path, monkeypatch):
+  workdir = str(tmp_path / "run")
+
+  def crash(*args, **kwargs):
+    raise RuntimeError("evaluation crashed")
+
+  monkeypatch.setattr(evaluation, "evaluate_workdir", crash)
+  with conftest.mock_tfds(tmp_path, num_examples=16, num_train=20):
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+      pipeline.run("all", workdir, train=tiny_train("supcon"),
+                   linear=config_lib.LinearEvalConfig(epochs=1, batch_size=8),
+                   verbose=False)
+  with open(rundir.report_path(workdir)) as f:
+    report = json.load(f)
+  assert report["pretrain"]["steps"] == 2
+  assert "test_top1" in report["linear_eval"]
+  assert report["export"] and "evaluation" not in report

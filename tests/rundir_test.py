@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from supcon_tf import config as config_lib
-from supcon_tf import linear_backup
 from supcon_tf import rundir
 
 
@@ -61,14 +60,6 @@ def test_config_round_trip_and_resume_check(tmp_path):
       loss=config_lib.LossConfig(temperature=0.5))
   with pytest.raises(rundir.TrainingError, match=r"loss\.temperature"):
     rundir.check_resumable(str(tmp_path), changed)
-
-
-def test_linear_backup_check_run_names_top_level_field(tmp_path):
-  root = str(tmp_path / "b")
-  linear_backup.check_run(root, {"config": {"lr": 1}, "n": 3})
-  linear_backup.check_run(root, {"config": {"lr": 1}, "n": 3})
-  with pytest.raises(rundir.TrainingError, match=r"\(config differ\)"):
-    linear_backup.check_run(root, {"config": {"lr": 2}, "n": 3})
 
 
 def test_resume_of_a_run_stored_before_a_field_existed(tmp_path):

@@ -2,7 +2,8 @@
 
 Any Keras model mapping images `[batch, H, W, 3]` to representations
 `[batch, dim]` can be used wherever the library takes an encoder;
-`build_encoder` is only the convenient way to get the paper's ResNets.
+`build_encoder` is only the convenient way to get the paper's ResNets and
+the `keras.applications` / keras-hub backbones of `backbones`.
 """
 
 import re
@@ -11,6 +12,8 @@ import keras
 import tensorflow as tf
 
 from supcon_tf import config as config_lib
+from supcon_tf.models import backbones
+from supcon_tf.models.backbones import build_backbone
 from supcon_tf.models.heads import ProjectionHead
 from supcon_tf.models.resnet import VALID_DEPTHS
 from supcon_tf.models.resnet import representation_dim
@@ -19,6 +22,7 @@ from supcon_tf.models.resnet import resnet
 __all__ = [
     "ProjectionHead",
     "VALID_DEPTHS",
+    "build_backbone",
     "build_encoder",
     "build_head",
     "embed_views",
@@ -37,31 +41,44 @@ def build_encoder(config: config_lib.ModelConfig,
   encoder.
 
   Args:
-    config: model configuration; `encoder` must be `resnet{depth}` with depth
-      in `VALID_DEPTHS`.
+    config: model configuration; `encoder` is `resnet{depth}` with depth
+      in `VALID_DEPTHS` (`stem` and `width` apply to these only),
+      `keras_applications:<Name>` or `keras_hub:<preset>` (see
+      `backbones.build_backbone`); `encoder_weights` an optional local
+      weights file to start from.
     input_shape: `(H, W, 3)` of the images.
     num_replicas: replicas of the distribution strategy; with
       `config.sync_batch_norm=None` batch norm is synchronised exactly when
       this is above 1.
 
   Returns:
-    A `keras.Model` named `config.encoder`, mapping images in [0, 1],
-    `[batch, H, W, 3]`, to float32 representations `[batch, rep_dim]`.
+    A `keras.Model` mapping images in [0, 1], `[batch, H, W, 3]`, to
+    float32 representations `[batch, rep_dim]`; a ResNet is named
+    `config.encoder`.
 
   Raises:
-    ValueError: for an encoder name that is not `resnet{depth}` with a valid
-      depth.
+    ValueError: for an unknown encoder name, images too small for the
+      backbone, or a missing or mismatched `encoder_weights` file.
   """
+  sync = _sync_batch_norm(config, num_replicas)
+  if backbones.is_backbone(config.encoder):
+    return build_backbone(config.encoder, input_shape=input_shape,
+                          weights=config.encoder_weights,
+                          sync_batch_norm=sync)
   match = re.fullmatch(r"resnet(\d+)", config.encoder)
   if match is None or int(match.group(1)) not in VALID_DEPTHS:
     valid = [f"resnet{d}" for d in VALID_DEPTHS]
     raise ValueError(
-        f"Unknown encoder {config.encoder!r}; use one of {valid} or pass your "
-        "own keras.Model as the encoder.")
-  return resnet(int(match.group(1)), stem=config.stem, width=config.width,
-                input_shape=input_shape,
-                sync_batch_norm=_sync_batch_norm(config, num_replicas),
-                name=config.encoder)
+        f"Unknown encoder {config.encoder!r}; use one of {valid}, "
+        "keras_applications:<Name> (e.g. keras_applications:ResNet50), "
+        "keras_hub:<preset> or pass your own keras.Model as the encoder.")
+  encoder = resnet(int(match.group(1)), stem=config.stem, width=config.width,
+                   input_shape=input_shape, sync_batch_norm=sync,
+                   name=config.encoder)
+  if config.encoder_weights is not None:
+    backbones.load_weights(encoder, config.encoder_weights,
+                           encoder=config.encoder)
+  return encoder
 
 
 def build_head(config: config_lib.ModelConfig,
