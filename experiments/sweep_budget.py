@@ -31,6 +31,7 @@ from supcon_tf import config as config_lib  # pylint: disable=g-import-not-at-to
 from supcon_tf import data
 from supcon_tf import knn
 from supcon_tf import objectives
+from supcon_tf import overrides
 from supcon_tf import pretrained
 from supcon_tf import train_lib
 
@@ -50,10 +51,10 @@ def base_config(steps: int, data_dir=None) -> config_lib.TrainConfig:
                                     learning_rate=0.5))
 
 
-def apply_overrides(config, overrides: str):
+def apply_overrides(config, assignments: str):
   """`"a.b=1,c=x"` -> `config` with those dotted fields replaced."""
   try:
-    return config_lib.override(config, filter(None, overrides.split(",")))
+    return overrides.override(config, filter(None, assignments.split(",")))
   except ValueError as e:
     raise SystemExit(f"--variant: {e}") from None
 
@@ -107,8 +108,9 @@ def main():
   args = parser.parse_args()
   rows = []
   for spec in args.variant:
-    name, _, overrides = spec.partition(":")
-    config = apply_overrides(base_config(args.steps, args.data_dir), overrides)
+    name, _, assignments = spec.partition(":")
+    config = apply_overrides(base_config(args.steps, args.data_dir),
+                             assignments)
     # Warm-up is in epochs; make it a fixed share of this short run. (An
     # epoch is 45,000 images after the validation hold-out, hence 0.9 x.)
     epochs = config.steps * config.batch_size / 50_000

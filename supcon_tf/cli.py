@@ -29,6 +29,7 @@ from absl import logging
 
 from supcon_tf import cli_help
 from supcon_tf import config as config_lib
+from supcon_tf import overrides
 from supcon_tf import tf_startup
 
 MODES = config_lib.MODES
@@ -230,7 +231,7 @@ _LINEAR_PREFIX = "linear."
 _EVAL_PREFIX = "eval."
 
 
-def _overrides(prefix: str = ""):
+def _set_assignments(prefix: str = ""):
   """The --set items of one config, prefix removed.
 
   `prefix` is "linear." (LinearEvalConfig), "eval." (EvalConfig) or ""
@@ -245,8 +246,8 @@ def _overrides(prefix: str = ""):
 def train_config() -> config_lib.TrainConfig:
   """The pretraining configuration the flags describe."""
   method = "ce" if FLAGS.mode == "train_ce" else FLAGS.method
-  return config_lib.override(_train_config_of_flags(method),
-                             _overrides())
+  return overrides.override(_train_config_of_flags(method),
+                             _set_assignments())
 
 
 def _train_config_of_flags(method: str) -> config_lib.TrainConfig:
@@ -292,18 +293,18 @@ def linear_config() -> config_lib.LinearEvalConfig:
   except ValueError:
     raise UsageError("--linear_learning_rates must be numbers, got "
                      f"{FLAGS.linear_learning_rates}.") from None
-  return config_lib.override(config_lib.LinearEvalConfig(
+  return overrides.override(config_lib.LinearEvalConfig(
       epochs=FLAGS.linear_epochs, batch_size=FLAGS.linear_batch_size,
       learning_rate=rates[0], learning_rates=rates,
       augment=FLAGS.linear_augment, seed=FLAGS.seed),
-      _overrides(prefix=_LINEAR_PREFIX))
+      _set_assignments(prefix=_LINEAR_PREFIX))
 
 
 def eval_config() -> config_lib.EvalConfig:
-  return config_lib.override(
+  return overrides.override(
       config_lib.EvalConfig(robustness=FLAGS.robustness,
                             corruptions=FLAGS.corruptions, seed=FLAGS.seed),
-      _overrides(prefix=_EVAL_PREFIX))
+      _set_assignments(prefix=_EVAL_PREFIX))
 
 
 def embed_config():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Iterable, Optional, Tuple
+from typing import Optional, Tuple
 
 # What `supcon_tf.pipeline.run` (and --mode) runs; `train_ce` is `all` with
 # a cross-entropy pretraining; `embed` writes a split's embeddings.
@@ -418,17 +418,6 @@ _NESTED = {
 }
 
 
-def _parse_value(text: str):
-  """JSON where it parses (`0.5`, `true`, `null`, `[1, 2]`), else the text."""
-  lowered = text.strip().lower()
-  if lowered in ("true", "false", "none", "null"):
-    return {"true": True, "false": False}.get(lowered)
-  try:
-    return json.loads(text)
-  except json.JSONDecodeError:
-    return text
-
-
 # The CPU-budget recipe (experiments/cifar10_supcon_cpu30.cfg, measured in
 # experiments/RESULTS.md): the command line's defaults, each defined here
 # once. The dataclass defaults above stay the library's (a full-width
@@ -440,44 +429,3 @@ BUDGET_TRAIN = TrainConfig(
     optimizer=OptimizerConfig(name="adamw", learning_rate=0.01,
                               warmup_epochs=0.5))
 BUDGET_LINEAR = LinearEvalConfig(epochs=10, learning_rates=(0.3, 1.0, 3.0))
-
-
-def override(config, assignments: Iterable[str]):
-  """`config` with dotted fields replaced, e.g. `"loss.block_size=512"`.
-
-  Args:
-    config: a (nested) config dataclass, e.g. a `TrainConfig`.
-    assignments: `"field=value"` or `"section.field=value"` strings; values
-      are JSON where they parse (`0.5`, `true`, `none`, `[0.3, 1.0]`), text
-      otherwise.
-
-  Returns:
-    A new config of the same type, validated like any other.
-
-  Raises:
-    ValueError: an item without `=`, or a field the config does not have
-      (the message lists the fields it does have).
-  """
-  values = to_dict(config)
-  for item in assignments:
-    path, sep, text = item.partition("=")
-    if not sep or not path:
-      raise ValueError(f"Override {item!r} is not field=value, e.g. "
-                       "loss.temperature=0.5.")
-    *parents, leaf = path.strip().split(".")
-    node = values
-    for depth, key in enumerate(parents + [leaf]):
-      is_section = depth < len(parents)
-      where = ".".join(parents[:depth]) or type(config).__name__
-      if key not in node:
-        raise ValueError(f"Override {item!r}: {where} has no {key!r}; it "
-                         f"has {sorted(node)}.")
-      if is_section != isinstance(node[key], dict):
-        raise ValueError(
-            f"Override {item!r}: {where}.{key} is "
-            + ("a value, not a section of fields." if is_section else
-               f"a section: set one of its fields {sorted(node[key])}."))
-      if is_section:
-        node = node[key]
-    node[leaf] = _parse_value(text)
-  return from_dict(type(config), values)

@@ -1,5 +1,8 @@
-"""Tests of the configuration objects and their dotted overrides."""
+"""Tests for supcon_tf.config: the settings objects, their checks and JSON."""
 
+import dataclasses
+import json
+import math
 import sys
 
 import pytest
@@ -7,39 +10,45 @@ import pytest
 from supcon_tf import config as config_lib
 
 
-def test_override_replaces_nested_and_top_level_fields():
-  base = config_lib.TrainConfig()
-  got = config_lib.override(base, [
-      "loss.block_size=512", "loss.scale_by_temperature=false", "steps=10",
-      "data.dataset=folder:/images", "optimizer.learning_rate=1e-3",
-      "loss.positives_cap=none"])
-  assert got.loss.block_size == 512
-  assert got.loss.scale_by_temperature is False
-  assert got.steps == 10
-  assert got.data.dataset == "folder:/images"
-  assert got.optimizer.learning_rate == pytest.approx(1e-3)
-  assert got.loss.positives_cap is None
-  assert got.model == base.model  # Untouched sections stay equal.
-  assert base.loss.block_size is None  # The input is not modified.
+def test_json_round_trip_rebuilds_nested_configs():
+  config = dataclasses.replace(
+      config_lib.BUDGET_TRAIN, seed=7,
+      loss=config_lib.LossConfig(temperature=0.2, positives_cap=3))
+  again = config_lib.from_dict(config_lib.TrainConfig,
+                               json.loads(config_lib.to_json(config)))
+  assert again == config
+  assert isinstance(again.loss, config_lib.LossConfig)
 
 
-def test_override_of_a_linear_config_takes_lists():
-  got = config_lib.override(config_lib.LinearEvalConfig(),
-                            ["learning_rates=[0.1, 1.0]", "epochs=3"])
-  assert list(got.learning_rates) == [0.1, 1.0] and got.epochs == 3
+def test_from_dict_refuses_unknown_keys():
+  values = config_lib.to_dict(config_lib.TrainConfig())
+  values["model"]["depth"] = 18
+  with pytest.raises(ValueError, match=r"Unknown ModelConfig keys: \['depth'\]"):
+    config_lib.from_dict(config_lib.TrainConfig, values)
 
 
-@pytest.mark.parametrize("item,message", [
-    ("loss.tau=1", "loss has no 'tau'; it has ['block_size'"),
-    ("foo.bar=1", "TrainConfig has no 'foo'"),
-    ("loss=3", "TrainConfig.loss is a section: set one of its fields"),
-    ("steps.x=1", "TrainConfig.steps is a value, not a section"),
-    ("steps", "is not field=value"),
-    ("loss.temperature=-1", "temperature must be > 0, got -1"),
-])
-def test_override_errors_name_the_field(item, message):
-  with pytest.raises(ValueError, match=message.replace("[", r"\[")):
-    config_lib.override(config_lib.TrainConfig(), [item])
+@pytest.mark.parametrize("bad", [0, -0.1, math.nan, None])
+def test_every_temperature_check_refuses_what_is_not_positive(bad):
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    config_lib.check_temperature(bad)
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    config_lib.LossConfig(temperature=bad)
+  with pytest.raises(ValueError, match="EvalConfig.temperature must be > 0"):
+    config_lib.EvalConfig(temperature=bad)
+  config_lib.check_temperature(0.07)
+
+
+def test_choices_name_the_value_and_the_valid_ones():
+  with pytest.raises(ValueError, match="head.*'mlp_xl'.*mlp_bn"):
+    config_lib.ModelConfig(head="mlp_xl")
+  with pytest.raises(ValueError, match="corruptions"):
+    config_lib.EvalConfig(corruptions="imagenet_c")
+
+
+def test_encoder_names_outside_the_known_sources_fail_early():
+  config_lib.ModelConfig(encoder="keras_applications:MobileNetV3Small")
+  with pytest.raises(ValueError, match="keras_apps:X"):
+    config_lib.ModelConfig(encoder="keras_apps:X")
 
 
 if __name__ == "__main__":
