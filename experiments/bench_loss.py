@@ -12,6 +12,10 @@ with integer labels:
   fused: the same with `gather=True` (what training calls): on one device
          the contrast is a copy of the anchors, so the blocks use the
          fused kernel.
+  fused2: `gather=True` under a MirroredStrategy of 2 logical CPU devices
+         (the CPU split in two): each replica's half of the anchors against
+         the gathered global contrast (rectangular blocks), gradients back
+         through the gather; the time is both replicas' step.
   floor: one `[rows, dim] x [dim, rows]` matmul and an exp over the result
          (forward only): what any exact method has to pay at least.
 
@@ -34,13 +38,13 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("dense", "ours", "fused", "floor")
+VARIANTS = ("dense", "ours", "fused", "fused2", "floor")
 DIM = 128
 VIEWS = 2
 TEMPERATURE = 0.1
 # float32 [rows, rows] matrices alive at the peak, per variant (measured:
 # dense peaks at 14.1 GiB at 16,384 rows, the floor at 1.1 GiB).
-MATRICES = {"dense": 14, "ours": 0, "fused": 0, "floor": 2}
+MATRICES = {"dense": 14, "ours": 0, "fused": 0, "fused2": 0, "floor": 2}
 
 
 def _available_bytes():
@@ -86,6 +90,11 @@ def run_one(variant, rows, classes, repeats, block_size):
   import tensorflow as tf
   import supcon_tf
 
+  if variant == "fused2":
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+
   rng = np.random.default_rng(0)
   samples = rows // VIEWS
   features = rng.normal(size=(samples, VIEWS, DIM)).astype(np.float32)
@@ -94,7 +103,27 @@ def run_one(variant, rows, classes, repeats, block_size):
   labels = tf.constant(rng.integers(0, classes, samples), tf.int32)
   baseline = _peak_rss_bytes()
 
-  if variant == "floor":
+  if variant == "fused2":
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    halves = tf.split(features, 2), tf.split(labels, 2)
+
+    def replica_step():
+      index = tf.distribute.get_replica_context().replica_id_in_sync_group
+      x = tf.gather(tf.stack(halves[0]), index)
+      y = tf.gather(tf.stack(halves[1]), index)
+      with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_mean(supcon_tf.supcon_loss(
+            x, y, temperature=TEMPERATURE, block_size=block_size,
+            gather=True))
+      return loss, tape.gradient(loss, x)
+
+    @tf.function
+    def step():
+      loss, grad = strategy.run(replica_step)
+      return (strategy.reduce("SUM", loss, None),
+              strategy.gather(grad, axis=0))
+  elif variant == "floor":
     flat = tf.reshape(features, [rows, DIM])
 
     @tf.function
