@@ -5,28 +5,18 @@ import json
 import os
 import pathlib
 import re
-import subprocess
 import sys
 
 from absl import logging
 import pytest
 
+import conftest
 from supcon_tf import cli
 
 # Not resolve(): under Bazel the flagfiles are runfiles beside this file.
 EXPERIMENTS = pathlib.Path(__file__).absolute().parent.parent / "experiments"
 FLAGFILES = sorted(EXPERIMENTS.glob("*.cfg"))
 # Where `supcon_tf` is importable from (the repository, or Bazel runfiles).
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
-
-
-def python(*args, env=None, timeout=120):
-  """Runs `python *args` with `supcon_tf` importable; returns the result."""
-  env = dict(os.environ if env is None else env, PYTHONPATH=os.pathsep.join(
-      [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                if p]))
-  return subprocess.run([sys.executable, *args], capture_output=True,
-                        text=True, env=env, timeout=timeout, check=False)
 
 
 def resolve(flagfile, monkeypatch):
@@ -173,7 +163,7 @@ for argv in (["--batch_size=0"], ["--method=supcom"]):
 print(sorted(m for m in sys.modules if m.split(".")[0] in
              ("tensorflow", "keras", "tensorflow_datasets")))
 """
-  result = python("-c", code)
+  result = conftest.python("-c", code)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.splitlines()[-1] == "[]", result.stdout[-3000:]
   assert "batch_size must be > 0, got 0" in result.stderr
@@ -184,7 +174,7 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in
 def test_stage_error_on_an_empty_workdir_is_one_line(tmp_path):
   """TensorFlow is imported (the error is a stage's) and prints nothing."""
   env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-  result = python("-m", "supcon_tf", "--mode=linear_eval",
+  result = conftest.python("-m", "supcon_tf", "--mode=linear_eval",
                   f"--workdir={tmp_path}", env=env)
   assert result.returncode == 1, result.stderr[-3000:]
   assert len(result.stderr.splitlines()) == 1, result.stderr[-3000:]
@@ -207,7 +197,7 @@ def test_every_flag_is_in_one_help_group():
 
 @pytest.mark.parametrize("flag", ["--help", "-?", "--helpshort"])
 def test_help_lists_our_flags_by_stage_on_a_screen(flag):
-  result = python("-m", "supcon_tf", flag)
+  result = conftest.python("-m", "supcon_tf", flag)
   assert result.returncode == 0, result.stderr[-3000:]
   text = result.stdout
   assert text == cli.grouped_help() + "\n"
@@ -230,7 +220,7 @@ def test_help_lists_our_flags_by_stage_on_a_screen(flag):
 
 
 def test_helpfull_still_lists_everything():
-  result = python("-m", "supcon_tf", "--helpfull")
+  result = conftest.python("-m", "supcon_tf", "--helpfull")
   assert result.returncode == 1, result.stderr[-3000:]  # absl's exit status.
   assert "--batch_size" in result.stdout and "--verbosity" in result.stdout
 
@@ -244,7 +234,7 @@ def test_help_fits_a_screen():
 
 
 def test_helpfull_describes_our_flags_by_stage():
-  result = python("-m", "supcon_tf", "--helpfull")
+  result = conftest.python("-m", "supcon_tf", "--helpfull")
   text = result.stdout
   assert text == cli.full_help() + "\n"
   lines = text.splitlines()

@@ -5,14 +5,18 @@ import math
 import os
 import resource
 import signal
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+from supcon_tf import config as config_lib  # pylint: disable=g-import-not-at-top
 from supcon_tf import distributed  # pylint: disable=g-import-not-at-top
 from supcon_tf import models  # pylint: disable=g-import-not-at-top
 
@@ -224,3 +228,36 @@ def assert_unchanged(before, model):
   assert [p for p, _ in before] == [p for p, _ in after]
   for (path, old), (_, new) in zip(before, after):
     assert old.tobytes() == new.tobytes(), f"{path} changed"
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def python(*args, env=None, timeout=120):
+  """Runs `python *args` with `supcon_tf` importable; returns the result."""
+  env = dict(os.environ if env is None else env, PYTHONPATH=os.pathsep.join(
+      [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                if p]))
+  return subprocess.run([sys.executable, *args], capture_output=True,
+                        text=True, env=env, timeout=timeout, check=False)
+
+
+def tiny_train(method):
+  """A two-step pretraining of a width-1/16 ResNet-18 on (mock) CIFAR-10."""
+  return config_lib.TrainConfig(
+      method=method, batch_size=8, steps=2, steps_per_loop=1,
+      checkpoint_every=2,
+      data=config_lib.DataConfig(dataset="cifar10", validation_fraction=0.2),
+      model=config_lib.ModelConfig(width=0.0625, projection_dim=8),
+      optimizer=config_lib.OptimizerConfig(name="sgd", learning_rate=0.1,
+                                           warmup_epochs=0.0))
+
+
+@pytest.fixture
+def mixed_bfloat16():
+  """The test runs under the mixed_bfloat16 Keras policy, float32 after."""
+  keras.mixed_precision.set_global_policy("mixed_bfloat16")
+  try:
+    yield
+  finally:
+    keras.mixed_precision.set_global_policy("float32")

@@ -13,15 +13,6 @@ from supcon_tf import models
 from supcon_tf.models import heads
 
 
-@pytest.fixture
-def mixed_bfloat16():
-  keras.mixed_precision.set_global_policy("mixed_bfloat16")
-  try:
-    yield
-  finally:
-    keras.mixed_precision.set_global_policy("float32")
-
-
 @pytest.mark.parametrize("kind,hidden_dim,kernels", [
     ("mlp", None, [(24, 24), (24, 8)]),
     ("mlp", 16, [(24, 16), (16, 8)]),

@@ -21,21 +21,11 @@ from supcon_tf import pretrained
 from supcon_tf import rundir
 
 
-def tiny_train(method):
-  return config_lib.TrainConfig(
-      method=method, batch_size=8, steps=2, steps_per_loop=1,
-      checkpoint_every=2,
-      data=config_lib.DataConfig(dataset="cifar10", validation_fraction=0.2),
-      model=config_lib.ModelConfig(width=0.0625, projection_dim=8),
-      optimizer=config_lib.OptimizerConfig(name="sgd", learning_rate=0.1,
-                                           warmup_epochs=0.0))
-
-
 def test_train_ce_reports_the_head_it_trained(tmp_path):
   workdir = str(tmp_path / "run")
   with conftest.mock_tfds(tmp_path, num_examples=16, num_train=20):
     report = pipeline.run(
-        "train_ce", workdir, train=tiny_train("ce"),
+        "train_ce", workdir, train=conftest.tiny_train("ce"),
         linear=config_lib.LinearEvalConfig(epochs=1, batch_size=8),
         evaluation_config=config_lib.EvalConfig(robustness=False,
                                                 max_examples=8,
@@ -65,7 +55,7 @@ def test_contrastive_run_retrieves_in_both_spaces(tmp_path):
   with conftest.mock_tfds(tmp_path, num_examples=16, num_train=20):
     for mode in ("pretrain", "linear_eval", "evaluate"):
       report = pipeline.run(
-          mode, workdir, train=tiny_train("supcon"),
+          mode, workdir, train=conftest.tiny_train("supcon"),
           linear=config_lib.LinearEvalConfig(epochs=1, batch_size=8),
           evaluation_config=config_lib.EvalConfig(
               robustness=False, max_examples=8, knn_train_examples=8),
@@ -93,9 +83,9 @@ def test_a_longer_rerun_extends_the_run_and_the_report_says_so(tmp_path):
   workdir = str(tmp_path / "run")
   linear = config_lib.LinearEvalConfig(epochs=1, batch_size=8)
   with conftest.mock_tfds(tmp_path, num_examples=16, num_train=20):
-    first = pipeline.run("pretrain", workdir, train=tiny_train("supcon"),
+    first = pipeline.run("pretrain", workdir, train=conftest.tiny_train("supcon"),
                          linear=linear, verbose=False)
-    longer = dataclasses.replace(tiny_train("supcon"), steps=3)
+    longer = dataclasses.replace(conftest.tiny_train("supcon"), steps=3)
     report = pipeline.run("pretrain", workdir, train=longer, linear=linear,
                           verbose=False)
   assert "extended_from_steps" not in first["pretrain"]
@@ -110,9 +100,9 @@ def test_full_disk_at_the_classifier_is_one_line_and_keeps_the_old_one(
   linear = config_lib.LinearEvalConfig(epochs=1, batch_size=8)
   path = rundir.classifier_path(workdir)
   with conftest.mock_tfds(tmp_path, num_examples=16, num_train=20):
-    pipeline.run("pretrain", workdir, train=tiny_train("supcon"),
+    pipeline.run("pretrain", workdir, train=conftest.tiny_train("supcon"),
                  linear=linear, verbose=False)
-    pipeline.run("linear_eval", workdir, train=tiny_train("supcon"),
+    pipeline.run("linear_eval", workdir, train=conftest.tiny_train("supcon"),
                  linear=linear, verbose=False)
     with open(path, "rb") as f:
       before = f.read()
@@ -127,7 +117,7 @@ def test_full_disk_at_the_classifier_is_one_line_and_keeps_the_old_one(
     else:  # Keras's own writer failing mid-file.
       limit = conftest.file_size_limit(len(before) // 2)
     with limit, pytest.raises(rundir.TrainingError) as error:
-      pipeline.run("linear_eval", workdir, train=tiny_train("supcon"),
+      pipeline.run("linear_eval", workdir, train=conftest.tiny_train("supcon"),
                    linear=linear, verbose=False)
   message = str(error.value)
   assert "\n" not in message and path in message, message
@@ -153,7 +143,7 @@ def test_a_crash_in_a_later_stage_keeps_the_earlier_stages_report(
   monkeypatch.setattr(evaluation, "evaluate_workdir", crash)
   with conftest.mock_tfds(tmp_path, num_examples=16, num_train=20):
     with pytest.raises(RuntimeError, match="evaluation crashed"):
-      pipeline.run("all", workdir, train=tiny_train("supcon"),
+      pipeline.run("all", workdir, train=conftest.tiny_train("supcon"),
                    linear=config_lib.LinearEvalConfig(epochs=1, batch_size=8),
                    verbose=False)
   with open(rundir.report_path(workdir)) as f:

@@ -9,28 +9,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from supcon_tf import config as config_lib
+import conftest
 from supcon_tf import models
 from supcon_tf import objectives
 from supcon_tf import pretrained
 from supcon_tf import rundir
 
 
-def tiny_train(method):
-  return config_lib.TrainConfig(
-      method=method, batch_size=8, steps=2, steps_per_loop=1,
-      checkpoint_every=2,
-      data=config_lib.DataConfig(dataset="cifar10", validation_fraction=0.2),
-      model=config_lib.ModelConfig(width=0.0625, projection_dim=8),
-      optimizer=config_lib.OptimizerConfig(name="sgd", learning_rate=0.1,
-                                           warmup_epochs=0.0))
-
-
 def test_contrastive_runs_have_no_ce_head(tmp_path):
   with pytest.raises(ValueError, match="only method='ce'"):
-    pretrained.restore_ce_model(str(tmp_path), tiny_train("supcon"), 10)
+    pretrained.restore_ce_model(str(tmp_path), conftest.tiny_train("supcon"), 10)
   with pytest.raises(ValueError, match="no projection head"):
-    pretrained.restore_projection(str(tmp_path), tiny_train("ce"))
+    pretrained.restore_projection(str(tmp_path), conftest.tiny_train("ce"))
 
 
 IMAGE = 16
@@ -68,7 +58,7 @@ def _images(seed=0):
 
 
 def test_restore_encoder_gives_the_newest_checkpoint(tmp_path):
-  config = tiny_train("supcon")
+  config = conftest.tiny_train("supcon")
   encoder, _ = _write_run(str(tmp_path), config, steps=(1, 2))
   restored = pretrained.restore_encoder(str(tmp_path), config,
                                         (IMAGE, IMAGE, 3))
@@ -82,7 +72,7 @@ def test_restore_encoder_gives_the_newest_checkpoint(tmp_path):
 
 
 def test_restore_projection_is_encoder_then_head(tmp_path):
-  config = tiny_train("supcon")
+  config = conftest.tiny_train("supcon")
   encoder, head = _write_run(str(tmp_path), config)
   projection = pretrained.restore_projection(str(tmp_path), config,
                                              (IMAGE, IMAGE, 3))
@@ -96,7 +86,7 @@ def test_restore_projection_is_encoder_then_head(tmp_path):
 
 
 def test_restore_ce_model_gives_the_trained_classifier(tmp_path):
-  config = tiny_train("ce")
+  config = conftest.tiny_train("ce")
   encoder, head = _write_run(str(tmp_path), config, num_classes=7)
   model = pretrained.restore_ce_model(str(tmp_path), config, 7,
                                       (IMAGE, IMAGE, 3))
@@ -109,11 +99,11 @@ def test_restore_ce_model_gives_the_trained_classifier(tmp_path):
 
 def test_no_checkpoint_is_an_error(tmp_path):
   with pytest.raises(rundir.TrainingError, match="No checkpoint in"):
-    pretrained.restore_encoder(str(tmp_path), tiny_train("supcon"))
+    pretrained.restore_encoder(str(tmp_path), conftest.tiny_train("supcon"))
 
 
 def test_a_damaged_newest_checkpoint_is_refused_not_replaced(tmp_path):
-  config = tiny_train("supcon")
+  config = conftest.tiny_train("supcon")
   _write_run(str(tmp_path), config, steps=(1, 2))
   newest = rundir.checkpoint_prefix(rundir.checkpoints_dir(str(tmp_path)), 2)
   data_file, = tf.io.gfile.glob(f"{newest}.data-*")
@@ -124,14 +114,14 @@ def test_a_damaged_newest_checkpoint_is_refused_not_replaced(tmp_path):
 
 
 def test_a_checkpoint_of_another_model_is_refused(tmp_path):
-  config = tiny_train("supcon")
+  config = conftest.tiny_train("supcon")
   _write_run(str(tmp_path), config, width=0.125)
   with pytest.raises(rundir.TrainingError, match="does not match"):
     pretrained.restore_encoder(str(tmp_path), config, (IMAGE, IMAGE, 3))
 
 
 def test_builds_with_the_run_precision_and_restores_the_policy(tmp_path):
-  config = tiny_train("supcon")
+  config = conftest.tiny_train("supcon")
   encoder, _ = _write_run(str(tmp_path), config)
   mixed = dataclasses.replace(config, precision="mixed_bfloat16")
   assert keras.mixed_precision.global_policy().name == "float32"

@@ -44,15 +44,6 @@ def _images(batch, size, seed=0):
       (batch, size, size, 3), dtype=np.float32)
 
 
-@pytest.fixture
-def mixed_bfloat16():
-  keras.mixed_precision.set_global_policy("mixed_bfloat16")
-  try:
-    yield
-  finally:
-    keras.mixed_precision.set_global_policy("float32")
-
-
 @pytest.mark.parametrize("depth,stem,size,rep_dim", [
     (18, "cifar", 16, 32),
     (18, "imagenet", 32, 32),

@@ -1,24 +1,14 @@
 """Tests for supcon_tf.tf_startup: importing TensorFlow quietly."""
 
 import os
-import subprocess
 import sys
 
 import pytest
 
+import conftest
 from supcon_tf import tf_startup
 
 # Where `supcon_tf` is importable from (the repository, or Bazel runfiles).
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tf_startup.__file__)))
-
-
-def python(*args, env=None, timeout=120):
-  """Runs `python *args` with `supcon_tf` importable; returns the result."""
-  env = dict(os.environ if env is None else env, PYTHONPATH=os.pathsep.join(
-      [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                if p]))
-  return subprocess.run([sys.executable, *args], capture_output=True,
-                        text=True, env=env, timeout=timeout, check=False)
 
 
 def test_startup_noise_is_dropped_and_other_lines_kept():
@@ -30,7 +20,7 @@ tf = tf_startup.import_tensorflow()
 assert tf.constant(2) + 2 == 4
 print("after import", file=sys.stderr)
 """
-  result = python("-c", code, env=env)
+  result = conftest.python("-c", code, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "after import" in result.stderr
   for noise in ("cuInit", "absl::InitializeLog", "Could not find cuda",
@@ -70,7 +60,7 @@ def test_tensorflow_notices_are_startup_noise():
 
 
 def test_module_does_not_import_tensorflow():
-  result = python("-c", "import sys\nfrom supcon_tf import tf_startup\n"
+  result = conftest.python("-c", "import sys\nfrom supcon_tf import tf_startup\n"
                   "print(sorted(m for m in sys.modules if m.split('.')[0] in "
                   "('tensorflow', 'keras')))")
   assert result.returncode == 0, result.stderr[-3000:]
@@ -88,7 +78,7 @@ import tensorflow as tf
 print(len(tf.config.list_logical_devices("CPU")),
       os.environ["TF_CPP_MIN_LOG_LEVEL"])
 """
-  result = python("-c", code, env=env)
+  result = conftest.python("-c", code, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.split() == ["3", "1"], result.stdout
 
