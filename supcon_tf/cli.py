@@ -376,8 +376,7 @@ def main(argv):
   workdir = os.path.abspath(FLAGS.workdir)
   try:
     config = train_config()  # Validates every flag up front.
-    linear_config()
-    eval_config()
+    linear, evaluation = linear_config(), eval_config()
   except (ValueError, OSError) as e:
     _fail(e)
   # Only now TensorFlow (seconds to import): flag errors come at once.
@@ -391,7 +390,7 @@ def main(argv):
     # work dir (or its absence) as it was.
     pipeline.check_prerequisites(FLAGS.mode, workdir)
     if (FLAGS.mode in ("all", "train_ce") and FLAGS.robustness and
-        eval_config().corruptions == "cifar10_corrupted"):
+        evaluation.corruptions == "cifar10_corrupted"):
       # A missing CIFAR-10-C fails now, not after the pretraining.
       from supcon_tf import robustness  # pylint: disable=g-import-not-at-top
       robustness.choose_corruptions("cifar10_corrupted", config.data)
@@ -406,8 +405,8 @@ def main(argv):
   try:
     with progress_to:
       report = pipeline.run(
-          FLAGS.mode, workdir, train=config, linear=linear_config(),
-          evaluation_config=eval_config(),
+          FLAGS.mode, workdir, train=config, linear=linear,
+          evaluation_config=evaluation,
           strategy=distributed.make_strategy(FLAGS.strategy),
           embed_config=embed)
   except KeyboardInterrupt:

@@ -261,3 +261,14 @@ def mixed_bfloat16():
     yield
   finally:
     keras.mixed_precision.set_global_policy("float32")
+
+
+def layers_of(model, cls):
+  """The layers of `model` (not nested ones) that are `cls` instances."""
+  return [layer for layer in model.layers if isinstance(layer, cls)]
+
+
+def random_images(batch, size, seed=0):
+  """`[batch, size, size, 3]` float32 uniform in [0, 1)."""
+  return np.random.default_rng(seed).random(
+      (batch, size, size, 3), dtype=np.float32)

@@ -14,19 +14,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import conftest
 from supcon_tf import config as config_lib
 from supcon_tf import models
 
 TINY = 0.0625
-
-
-def _layers_of(model, cls):
-  return [layer for layer in model.layers if isinstance(layer, cls)]
-
-
-def _images(batch, size, seed=0):
-  return np.random.default_rng(seed).random(
-      (batch, size, size, 3), dtype=np.float32)
 
 
 @pytest.mark.parametrize("config_sync,replicas,expected", [
@@ -37,7 +29,7 @@ def test_build_encoder_sync_policy(config_sync, replicas, expected):
   model = models.build_encoder(config, input_shape=(16, 16, 3),
                                num_replicas=replicas)
   assert model.name == "resnet18"
-  bns = _layers_of(model, keras.layers.BatchNormalization)
+  bns = conftest.layers_of(model, keras.layers.BatchNormalization)
   assert all(bn.synchronized is expected for bn in bns)
 
 
@@ -92,7 +84,7 @@ def test_keras_save_reload_round_trip(tmp_path):
     if "moving_variance" in weight.path:
       value = np.abs(value) + 0.5
     weight.assign(value.astype("float32"))
-  x = _images(3, 16, seed=5)
+  x = conftest.random_images(3, 16, seed=5)
   expected = np.asarray(model(x, training=False))
 
   path = str(tmp_path / "tiny.keras")
@@ -107,7 +99,7 @@ def test_keras_save_reload_round_trip(tmp_path):
 def test_embed_views_puts_every_view_through_one_batch():
   encoder = models.resnet(18, width=TINY, input_shape=(16, 16, 3))
   head = models.ProjectionHead(kind="linear", output_dim=8)
-  views = tf.constant(_images(6, 16, seed=6).reshape(3, 2, 16, 16, 3))
+  views = tf.constant(conftest.random_images(6, 16, seed=6).reshape(3, 2, 16, 16, 3))
   got = models.embed_views(encoder, head, views, training=True)
   assert got.shape == (3, 2, 8) and got.dtype == tf.float32
   # Training-mode batch norm normalises over all six images at once.

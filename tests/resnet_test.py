@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 
+import conftest
 from supcon_tf import models
 # The package exports the function `resnet` under the submodule's name.
 from supcon_tf.models.resnet import FusedBatchNormalization
@@ -35,15 +36,6 @@ def _trainable_params(model):
   return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
 
 
-def _layers_of(model, cls):
-  return [layer for layer in model.layers if isinstance(layer, cls)]
-
-
-def _images(batch, size, seed=0):
-  return np.random.default_rng(seed).random(
-      (batch, size, size, 3), dtype=np.float32)
-
-
 @pytest.mark.parametrize("depth,stem,size,rep_dim", [
     (18, "cifar", 16, 32),
     (18, "imagenet", 32, 32),
@@ -53,7 +45,7 @@ def _images(batch, size, seed=0):
 def test_output_shape_and_dtype(depth, stem, size, rep_dim):
   model = models.resnet(depth, stem=stem, width=TINY,
                         input_shape=(size, size, 3))
-  out = model(_images(2, size))
+  out = model(conftest.random_images(2, size))
   assert tuple(out.shape) == (2, rep_dim)
   assert out.dtype == "float32"
   assert np.all(np.isfinite(np.asarray(out)))
@@ -79,10 +71,10 @@ def test_layer_counts(depth):
   # depth - 1 convs on the main path (the fc layer is the last "layer" of the
   # depth) plus one projection shortcut per stage whose shape changes.
   model = models.resnet(depth, width=TINY, stem="imagenet")
-  convs = _layers_of(model, keras.layers.Conv2D)
+  convs = conftest.layers_of(model, keras.layers.Conv2D)
   projections = 3 if depth in (18, 34) else 4
   assert len(convs) == depth - 1 + projections
-  assert len(_layers_of(model, keras.layers.BatchNormalization)) == len(convs)
+  assert len(conftest.layers_of(model, keras.layers.BatchNormalization)) == len(convs)
   assert model.output.shape[-1] == models.representation_dim(depth, TINY)
 
 
@@ -112,9 +104,9 @@ def test_width_multiplier_scales_parameters(depth):
 
 def test_width_rounds_to_at_least_one_channel():
   model = models.resnet(18, width=0.001, input_shape=(8, 8, 3))
-  for conv in _layers_of(model, keras.layers.Conv2D):
+  for conv in conftest.layers_of(model, keras.layers.Conv2D):
     assert conv.filters == 1
-  assert tuple(model(_images(1, 8)).shape) == (1, 1)
+  assert tuple(model(conftest.random_images(1, 8)).shape) == (1, 1)
 
 
 def test_inputs_are_centred():
@@ -126,7 +118,7 @@ def test_inputs_are_centred():
 @pytest.mark.parametrize("sync", [True, False])
 def test_sync_batch_norm_reaches_every_layer(sync):
   model = models.resnet(50, width=TINY, sync_batch_norm=sync)
-  bns = _layers_of(model, keras.layers.BatchNormalization)
+  bns = conftest.layers_of(model, keras.layers.BatchNormalization)
   assert bns
   assert all(bn.synchronized is sync for bn in bns)
   assert all(bn.momentum == 0.9 and bn.epsilon == 1e-5 for bn in bns)
@@ -182,7 +174,7 @@ def test_encoder_mixed_precision(mixed_bfloat16):
   conv = model.get_layer("stem_conv")
   assert conv.compute_dtype == "bfloat16"
   assert conv.variable_dtype == "float32"
-  out = model(_images(2, 16))
+  out = model(conftest.random_images(2, 16))
   assert out.dtype == "float32"
   assert model.output.dtype == "float32"
 
@@ -241,7 +233,7 @@ def test_images_of_any_size_with_unknown_spatial_dims(stem):
   model = models.resnet(18, stem=stem, width=TINY,
                             input_shape=(None, None, 3))
   for size in (8, 20):
-    out = model(_images(3, size, seed=size))
+    out = model(conftest.random_images(3, size, seed=size))
     assert tuple(out.shape) == (3, models.representation_dim(18, TINY))
     assert np.all(np.isfinite(np.asarray(out)))
 
@@ -260,7 +252,7 @@ def test_zero_init_residual_starts_blocks_as_the_identity(zero_init):
   probe = keras.Model(model.input,
                       [model.get_layer("stage1_block1_out").output,
                        model.get_layer("stage1_block2_out").output])
-  block_in, block_out = (np.asarray(t) for t in probe(_images(2, 16),
+  block_in, block_out = (np.asarray(t) for t in probe(conftest.random_images(2, 16),
                                                       training=False))
   if zero_init:
     np.testing.assert_array_equal(block_out, block_in)
