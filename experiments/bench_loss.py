@@ -1,11 +1,13 @@
 """Time and peak memory of the SupCon loss, forward + backward.
 
-Three variants, on `rows = samples * 2 views` L2-normalised 128-d embeddings
+Variants, on `rows = samples * 2 views` L2-normalised 128-d embeddings
 with integer labels:
 
   dense: the usual formulation (as in the widely used PyTorch SupConLoss
          port): logits matrix, float masks from tf.equal + cast, log_prob
          matrix, sum over positives; gradient by autodiff.
+  dense_xla: the same, compiled by XLA (`jit_compile=True`), which fuses
+         the elementwise work around the matmuls.
   ours:  `supcon_tf.supcon_loss` with its automatic path (dense up to
          `blockwise.AUTO_MIN_LOGITS` logits, blocks above; the blocks use
          the symmetric kernel, as anchors are the contrast tensor).
@@ -38,13 +40,16 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("dense", "ours", "fused", "fused2", "floor")
+VARIANTS = ("dense", "dense_xla", "ours", "fused", "fused2", "floor")
+# Ratios of medians printed per row: (numerator, denominator).
+RATIOS = (("ours", "dense"), ("ours", "floor"), ("ours", "fused"),
+          ("fused", "dense_xla"), ("fused2", "dense_xla"))
 DIM = 128
 VIEWS = 2
 TEMPERATURE = 0.1
 # float32 [rows, rows] matrices alive at the peak, per variant (measured:
 # dense peaks at 14.1 GiB at 16,384 rows, the floor at 1.1 GiB).
-MATRICES = {"dense": 14, "ours": 0, "fused": 0, "fused2": 0, "floor": 2}
+MATRICES = {"dense": 14, "dense_xla": 14, "ours": 0, "fused": 0, "fused2": 0, "floor": 2}
 
 
 def _available_bytes():
@@ -131,13 +136,13 @@ def run_one(variant, rows, classes, repeats, block_size):
       return tf.reduce_sum(tf.exp(tf.matmul(flat, flat, transpose_b=True)))
   else:
     def loss_fn(x):
-      if variant == "dense":
+      if variant.startswith("dense"):
         return _dense_loss(tf, x, labels)
       return tf.reduce_mean(supcon_tf.supcon_loss(
           x, labels, temperature=TEMPERATURE, block_size=block_size,
           gather=variant == "fused"))
 
-    @tf.function
+    @tf.function(jit_compile=variant == "dense_xla")
     def step():
       with tf.GradientTape() as tape:
         tape.watch(features)
@@ -243,10 +248,10 @@ def _print_tables(results, variants):
 
   print("\nTime, forward + backward (floor: forward), seconds "
         "min / median / max; ratios of medians (of minima)\n")
-  others = [v for v in ("dense", "floor", "fused") if v in variants]
+  pairs = [(a, b) for a, b in RATIOS if a in variants and b in variants]
   print("| rows | classes | " + " | ".join(variants) + "".join(
-      f" | ours/{other}" for other in others) + " |")
-  print("|---:|---:|" + "---|" * len(variants) + "---:|" * len(others))
+      f" | {a}/{b}" for a, b in pairs) + " |")
+  print("|---:|---:|" + "---|" * len(variants) + "---:|" * len(pairs))
   for rows, classes in keys:
     cells = []
     for variant in variants:
@@ -258,8 +263,8 @@ def _print_tables(results, variants):
       else:
         cells.append(res.get("error", "-"))
     ratios = []
-    for other in others:
-      ours, theirs = (rows, classes, "ours"), (rows, classes, other)
+    for a, b in pairs:
+      ours, theirs = (rows, classes, a), (rows, classes, b)
       ratios.append(f"{ratio(median(ours), median(theirs))} "
                     f"({ratio(fastest(ours), fastest(theirs))})")
     print(f"| {rows} | {classes} | " + " | ".join(cells + ratios) + " |")

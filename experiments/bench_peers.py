@@ -242,8 +242,9 @@ def torch_worker(args):
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9,
                               weight_decay=1e-4)
 
-        def step(model=model, opt=opt, images=images, dtype=dtype,
-                 batch=batch):
+        # Defaults bind this setting's tensors (a closure would see the last).
+        def step(model=model, opt=opt, images=images, labels=labels,
+                 dtype=dtype, batch=batch):
           for _ in range(args.steps):
             with torch.autocast("cpu", dtype=torch.bfloat16,
                                 enabled=dtype == "bfloat16"):
