@@ -9,11 +9,10 @@ with integer labels:
   dense_xla: the same, compiled by XLA (`jit_compile=True`), which fuses
          the elementwise work around the matmuls.
   ours:  `supcon_tf.supcon_loss` with its automatic path (dense up to
-         `blockwise.AUTO_MIN_LOGITS` logits, blocks above; the blocks use
-         the symmetric kernel, as anchors are the contrast tensor).
-  fused: the same with `gather=True` (what training calls): on one device
-         the contrast is a copy of the anchors, so the blocks use the
-         fused kernel.
+         `blockwise.AUTO_MIN_LOGITS` logits, blocks above), anchors
+         being the contrast tensor itself.
+  fused: the same with `gather=True` (what training calls): the contrast
+         passes through the cross-replica gather (a copy on one device).
   fused2: `gather=True` under a MirroredStrategy of 2 logical CPU devices
          (the CPU split in two): each replica's half of the anchors against
          the gathered global contrast (rectangular blocks), gradients back

@@ -6,8 +6,9 @@ For each batch size (samples; two views each) it times, in one process:
 the input pipeline alone (CIFAR-10 + SimCLR augmentation, `data_dir` from
 --data_dir or TFDS_DATA_DIR), and the training step (ResNet-18, CIFAR stem)
 on a fixed batch in float32 / mixed_bfloat16, with and without XLA. Each
-figure is min/median/max images per second over --repeats runs of --steps
-steps; ratios compare medians measured in the same process.
+figure is min/median/max samples per second (one sample = 2 views, so
+images/s is twice the figure) over --repeats runs of --steps steps; ratios
+compare medians measured in the same process.
 """
 
 import argparse
@@ -26,14 +27,14 @@ from supcon_tf import data
 from supcon_tf import train_lib
 
 
-def _rates(fn, images_per_call, steps, repeats):
+def _rates(fn, samples_per_call, steps, repeats):
   fn()  # warm-up: tracing and compilation
   rates = []
   for _ in range(repeats):
     start = time.perf_counter()
     for _ in range(steps):
       fn()
-    rates.append(images_per_call * steps / (time.perf_counter() - start))
+    rates.append(samples_per_call * steps / (time.perf_counter() - start))
   return rates
 
 
@@ -72,9 +73,9 @@ def main():
       steps=1000, data=config_lib.DataConfig(data_dir=args.data_dir),
       model=config_lib.ModelConfig(encoder="resnet18", width=args.width),
       optimizer=config_lib.OptimizerConfig(warmup_epochs=0))
-  print(f"ResNet-18 (CIFAR stem, width {args.width}), images/s as "
-        "min / median / max; ratios of medians.\n")
-  print("| batch | setting | images/s | vs float32 no-XLA |")
+  print(f"ResNet-18 (CIFAR stem, width {args.width}), samples/s (2 views "
+        "each) as min / median / max; ratios of medians.\n")
+  print("| batch | setting | samples/s | vs float32 no-XLA |")
   print("|---|---|---|---|")
   for batch in (int(b) for b in args.batches.split(",")):
     config = dataclasses.replace(base, batch_size=batch)

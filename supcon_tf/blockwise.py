@@ -12,20 +12,14 @@ memory is O(block * contrast_rows + rows * dim).
 The gradient of an anchor row's loss with respect to its logits is a row
 `H_r` in closed form for every mode (`supcon_tf.blockwise_masked` lists
 them). For the default mode (out, all, no cap), `H = softmax_{P+N} - [P] /
-n`, the `[P] / n` terms are handled with per-class sums of embeddings (O(rows * dim)), so a block needs only its
-logits, one softmax and the gradient products.
+n`, the `[P] / n` terms are handled with per-class sums of embeddings
+(O(rows * dim)), so a block needs only its logits, one softmax and the
+gradient products.
 
-Three kernels, by case; matmul-sized products (`[block, contrast_rows] x
+Two kernels, by case; matmul-sized products (`[block, contrast_rows] x
 [.., dim]`) per block of anchor rows:
 
-* Symmetric (default mode, `anchors is contrast`: one replica, every view an
-  anchor; at least `MIN_SYMMETRIC_BLOCKS` blocks). The logits are
-  symmetric, so each tile serves its rows and its columns
-  (`supcon_tf.blockwise_symmetric`): the forward computes half of the
-  logits (0.5 of the full matrix), the backward recomputes them and applies
-  `Q = diag(w) P + P^T diag(w)` to both sides (0.5 + 1): about two in all.
-* Fused (default mode otherwise: `contrast_mode="one"`, a gathered
-  contrast, or few blocks). Every upstream gradient of the per-sample loss
+* Fused (default mode). Every upstream gradient of the per-sample loss
   only rescales rows of `H`, so the forward pass computes with the weights
   of a plain mean
 
@@ -42,6 +36,11 @@ Three kernels, by case; matmul-sized products (`[block, contrast_rows] x
 * Masked (every other mode, positive caps, a queue): as fused, with the
   masks and `H` built per block (`supcon_tf.blockwise_masked`).
 
+One replica's logits are symmetric when every view is an anchor, but a
+kernel that computed each tile once for its rows and its columns lost to
+the fused one (1.25-1.5x its time on an AMX Xeon, experiments/RESULTS.md),
+so the fused kernel serves that case too.
+
 With `distributed.all_gather` contrast the contrast gradient flows back
 through the gather, so summed per-replica gradients equal the single-device
 ones. Not differentiable twice.
@@ -53,7 +52,6 @@ import numpy as np
 import tensorflow as tf
 
 from supcon_tf import blockwise_masked as masked_lib
-from supcon_tf import blockwise_symmetric as symmetric_lib
 
 # Above this many anchor x contrast logits `supcon_terms` switches to blocks
 # (already faster than the dense path at 1024 x 1024 on CPU).
@@ -61,10 +59,6 @@ AUTO_MIN_LOGITS = 1024 * 1024
 # Automatic block: about this many logits per block (16 MiB of float32).
 BLOCK_LOGITS = 1 << 22
 DEFAULT_BLOCK_ROWS = 256
-# The symmetric kernel costs 4 (nb // 2 + 1) / nb logits-sized matmuls for
-# nb blocks against 3 for the fused one, plus a second sweep: it pays from
-# about 8 blocks on.
-MIN_SYMMETRIC_BLOCKS = 8
 
 _MIN = masked_lib.MASKED_LOGIT
 
@@ -97,9 +91,9 @@ def blockwise_terms(anchors, contrast, ids=None, *, offset=0, temperature=0.1,
   Args:
     anchors: `[batch, anchor_views, dim]`: samples `offset .. offset+batch-1`
       of `contrast`, all their views (`anchor_views == views`) or the first
-      (`anchor_views == 1`). Any float dtype; computed in float32. Passing
+      (`anchor_views == 1`). Any float dtype; computed in float32. May be
       the `contrast` tensor itself (one replica, every view an anchor; then
-      `offset` is 0) enables the symmetric kernel.
+      `offset` is 0).
     contrast: `[global_batch, views, dim]`, e.g. `distributed.all_gather` of
       the local features (the gradient flows back to it).
     ids: `[global_batch]` integer class ids of `contrast`, or None: every
@@ -176,21 +170,13 @@ def _terms(anchors, contrast, ids, *, offset, temperature, summation,
            class_sums, queue=None):
   """`blockwise_terms`; `class_sums=False` forces the masked kernel."""
   _check_block_size(block_size)
-  same_tensor = anchors is contrast
   anchors = tf.cast(anchors, tf.float32)
   contrast = tf.cast(contrast, tf.float32)
-  plan = _Plan(anchors, contrast, ids, same_tensor=same_tensor,
-               offset=offset, temperature=temperature, summation=summation,
-               denominator=denominator, positives_cap=positives_cap,
+  plan = _Plan(anchors, contrast, ids, offset=offset, temperature=temperature,
+               summation=summation, denominator=denominator,
+               positives_cap=positives_cap,
                scale_by_temperature=scale_by_temperature,
                block_size=block_size, class_sums=class_sums, queue=queue)
-  if plan.symmetric:
-    loss = symmetric_lib.symmetric_loss(
-        anchors, inv_tau=plan.inv_tau, block_size=plan.block_size,
-        row_class=plan.row_class, num_classes=plan.global_batch,
-        row_inv_pos=plan.row_inv_pos, row_valid=plan.row_valid,
-        row_weight=plan.row_weight, scale=plan.scale)
-    return loss, plan.valid
   return plan.loss(anchors, contrast), plan.valid[:plan.batch]
 
 
@@ -204,9 +190,9 @@ class _Plan:
   `[num_blocks, rows, ...]`.
   """
 
-  def __init__(self, anchors, contrast, ids, *, same_tensor, offset,
-               temperature, summation, denominator, positives_cap,
-               scale_by_temperature, block_size, class_sums, queue):
+  def __init__(self, anchors, contrast, ids, *, offset, temperature,
+               summation, denominator, positives_cap, scale_by_temperature,
+               block_size, class_sums, queue):
     self.summation, self.denominator = summation, denominator
     self.positives_cap, self.supervised = positives_cap, ids is not None
     self.anchor_views, self.views = anchors.shape[1], contrast.shape[1]
@@ -220,17 +206,10 @@ class _Plan:
     self.class_sums = class_sums and queue is None and (
         summation == "out" and denominator == "all" and
         (positives_cap is None or ids is None))
-    # One replica, every view an anchor: the logits are symmetric.
-    self.symmetric = (
-        self.class_sums and same_tensor and isinstance(cols, int) and
-        symmetric_lib.SymmetricSweeps.plan(cols, self.block_size)[1] >=
-        MIN_SYMMETRIC_BLOCKS)
     # Samples per block.
     per_block = max(1, self.block_size // self.anchor_views)
     if isinstance(self.batch, int):  # no padding beyond the batch
       per_block = min(per_block, max(self.batch, 1))
-    if self.symmetric:  # blocks of rows are planned by the sweeps instead
-      per_block, offset = max(self.batch, 1), 0
     self.rows = per_block * self.anchor_views
     self.num_blocks = (self.batch + per_block - 1) // per_block
     self.padded = self.num_blocks * per_block

@@ -46,7 +46,7 @@ def _run_blocks(x, labels, *, anchor_views, summation, denominator,
   queue_tensors = None if queue is None else (
       tf.constant(queue[0], tf.float32), tf.constant(queue[1], tf.int32))
   plan = blockwise._Plan(
-      anchors, contrast, ids, same_tensor=False, offset=0,
+      anchors, contrast, ids, offset=0,
       temperature=temperature, summation=summation, denominator=denominator,
       positives_cap=positives_cap, scale_by_temperature=True,
       block_size=block_size, class_sums=False, queue=queue_tensors)

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import conftest
+import supcon_reference as ref
 from supcon_tf import blockwise
 from supcon_tf import losses
 
@@ -83,8 +84,8 @@ def test_matches_dense_every_mode(summation, denominator):
     ("all", None, False), ("all", None, True), ("one", None, True),
     ("all", 2, True)])
 def test_every_kernel_matches_dense(contrast_mode, cap, weighted):
-  # The default mode has three kernels (symmetric sweeps when anchors are
-  # the contrast tensor, fused class sums otherwise, and the masked one).
+  # The default mode has two kernels (fused class sums and the masked one),
+  # each with anchors that are the contrast tensor itself or a copy.
   features = tf.constant(_features(9, 2))
   labels = tf.constant(_labels(9, 3))
   weights = tf.constant(np.linspace(0.2, 1.0, 9, dtype=np.float32))
@@ -110,6 +111,65 @@ def test_every_kernel_matches_dense(contrast_mode, cap, weighted):
   for loss, grad in results:
     np.testing.assert_allclose(loss, want[0], rtol=TOL, atol=TOL)
     np.testing.assert_allclose(grad, want[2], rtol=TOL, atol=TOL)
+
+
+LABELS = np.array([0, 1, 0, 2, 1, 0, 3])  # Samples 3 and 6: no class mates.
+
+
+def _fused(x, weights, *, block, **kwargs):
+  """Fused kernel, anchors = contrast: loss and d(sum(weights * loss))/dx."""
+  features = tf.constant(x, tf.float32)
+  with tf.GradientTape() as tape:
+    tape.watch(features)
+    loss, _ = blockwise._terms(
+        features, features, tf.constant(LABELS, tf.int32), offset=0,
+        summation="out", denominator="all", positives_cap=None,
+        block_size=block, class_sums=True, **kwargs)
+    total = tf.reduce_sum(loss * tf.constant(weights, tf.float32))
+  return loss.numpy(), tape.gradient(total, features).numpy()
+
+
+@pytest.mark.parametrize("views,block,scale_by_temperature", [
+    (2, 1, True), (2, 3, False), (2, 64, True), (1, 2, True), (3, 4, True)])
+def test_fused_kernel_matches_float64_reference(views, block,
+                                                scale_by_temperature):
+  x = _features(len(LABELS), views, dim=4, seed=views).astype(np.float64)
+  weights = np.random.default_rng(block).uniform(0.5, 1.5, len(LABELS))
+  kwargs = dict(temperature=0.3, scale_by_temperature=scale_by_temperature)
+  loss, grad = _fused(x, weights, block=block, **kwargs)
+  want, valid = ref.reference_loss(x, LABELS, **kwargs)
+  np.testing.assert_allclose(loss, want, rtol=TOL, atol=1e-6)
+  assert valid.all() == (views > 1)  # One view: 3 and 6 have no positive.
+  want_grad = ref.numeric_gradient(lambda z: float(np.sum(
+      weights * ref.reference_loss(z, LABELS, **kwargs)[0])), x)
+  ref.assert_close_to_scale(grad, want_grad)
+
+
+def test_fused_kernel_takes_negative_and_tiny_weights():
+  # Upstream gradients may be negative (a loss subtracted) or tiny: the
+  # weighted backward pass scales rows after the softmax.
+  x = _features(len(LABELS), 2, dim=4, seed=5).astype(np.float64)
+  weights = np.random.default_rng(5).normal(size=len(LABELS))
+  weights[::3] *= 1e-30
+  kwargs = dict(temperature=0.3, scale_by_temperature=True)
+  _, grad = _fused(x, weights, block=3, **kwargs)
+  assert np.isfinite(grad).all()
+  want_grad = ref.numeric_gradient(lambda z: float(np.sum(
+      weights * ref.reference_loss(z, LABELS, **kwargs)[0])), x)
+  ref.assert_close_to_scale(grad, want_grad)
+
+
+def test_fused_kernel_extreme_logits_stay_finite_and_exact():
+  # |logits| up to 9 / 0.01 = 900: exp() of them overflows float32.
+  x = 3.0 * _features(len(LABELS), 2, dim=4, seed=8).astype(np.float64)
+  kwargs = dict(temperature=0.01, scale_by_temperature=False)
+  loss, grad = _fused(x, np.ones(len(LABELS)), block=2, **kwargs)
+  assert np.all(np.isfinite(loss)) and np.all(np.isfinite(grad))
+  ref.assert_close_to_scale(loss, ref.reference_loss(x, LABELS, **kwargs)[0],
+                            tol=1e-5)
+  want_grad = ref.numeric_gradient(lambda z: float(np.sum(
+      ref.reference_loss(z, LABELS, **kwargs)[0])), x)
+  ref.assert_close_to_scale(grad, want_grad, tol=1e-3)
 
 
 @pytest.mark.parametrize("block_size", [1, 2, 3, 5, 8, 64])
@@ -161,7 +221,7 @@ def test_anchor_without_positive_is_invalid_and_has_zero_grad():
 @pytest.mark.parametrize("jit_compile,kwargs", [
     (False, dict(positives_cap=2)),  # masked kernel
     (True, dict(positives_cap=2)),
-    (True, dict()),  # symmetric kernel
+    (True, dict()),  # fused kernel, anchors are the contrast
     (True, dict(contrast_mode="one")),  # fused kernel
 ])
 def test_tf_function_and_xla(jit_compile, kwargs):
@@ -332,7 +392,7 @@ def test_graph_holds_no_rows_squared_tensor():
   assert largest > rows * 128, largest
 
 
-@pytest.mark.parametrize("block_size", [None, 256])  # fused, symmetric
+@pytest.mark.parametrize("block_size", [None, 256])  # 1,024-row and 256-row blocks
 def test_4096_rows_completes_and_matches_dense(block_size):
   features = _features(2048, 2, dim=128, seed=2)
   labels = _labels(2048, 10)
@@ -380,8 +440,8 @@ def test_auto_block_size():
 @pytest.mark.slow
 @pytest.mark.parametrize("supervised", [True, False])
 def test_8192_rows_matches_dense(supervised):
-  # Automatic blocks use the symmetric kernel here; the dense reference
-  # needs about 5 GiB.
+  # Automatic blocks (the fused kernel); the dense reference needs about
+  # 5 GiB.
   features = _features(4096, 2, dim=128, seed=4)
   labels = _labels(4096, 100) if supervised else None
   want = _loss_and_grad(features, labels, block_size=0)
