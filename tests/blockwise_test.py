@@ -392,7 +392,8 @@ def test_graph_holds_no_rows_squared_tensor():
   assert largest > rows * 128, largest
 
 
-@pytest.mark.parametrize("block_size", [None, 256])  # 1,024-row and 256-row blocks
+# Automatic (1,024-row) and 256-row blocks.
+@pytest.mark.parametrize("block_size", [None, 256])
 def test_4096_rows_completes_and_matches_dense(block_size):
   features = _features(2048, 2, dim=128, seed=2)
   labels = _labels(2048, 10)
