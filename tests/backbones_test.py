@@ -5,7 +5,6 @@ import os
 import pathlib
 import re
 import shlex
-import subprocess
 import sys
 import types
 
@@ -25,8 +24,6 @@ from supcon_tf import pipeline
 from supcon_tf import rundir
 from supcon_tf.models import backbones
 
-# Where `supcon_tf` is importable from (the repository, or Bazel runfiles).
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(cli.__file__)))
 README = pathlib.Path(__file__).absolute().parent.parent / "README.md"
 SIZE = 32
 # A small MobileNetV2 (~0.4M weights) keeps these tests at seconds.
@@ -232,13 +229,9 @@ def test_config_refuses_malformed_names(encoder):
 
 
 def test_mixed_precision_computes_in_bfloat16_and_returns_float32():
-  previous = keras.mixed_precision.global_policy()
-  keras.mixed_precision.set_global_policy("mixed_bfloat16")
-  try:
+  with conftest.global_policy("mixed_bfloat16"):
     encoder = backbones.build_backbone(TINY, input_shape=(SIZE, SIZE, 3),
                                        **TINY_ARGS)
-  finally:
-    keras.mixed_precision.set_global_policy(previous)
   [backbone] = [l for l in encoder.layers if isinstance(l, keras.Model)]
   convs = [l for l in backbone.layers if isinstance(l, keras.layers.Conv2D)]
   assert {l.compute_dtype for l in convs} == {"bfloat16"}
@@ -330,11 +323,10 @@ def test_command_line_trains_exports_and_serves(tmp_path, monkeypatch,
   # saved classifier (with its backbone) computes them here.
   uint8 = np.round(_images(5, seed=6) * 255).astype(np.uint8)
   np.save(tmp_path / "images.npy", uint8)
-  result = subprocess.run(
-      [sys.executable, "-c", FRESH_PROCESS_SCRIPT, report["export"],
-       str(tmp_path / "images.npy"), str(tmp_path / "served.npz")],
-      capture_output=True, text=True, timeout=240, check=False,
-      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  result = conftest.python(
+      "-c", FRESH_PROCESS_SCRIPT, report["export"],
+      str(tmp_path / "images.npy"), str(tmp_path / "served.npz"),
+      timeout=240, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
   assert result.returncode == 0, result.stderr[-3000:]
   with np.load(tmp_path / "served.npz") as served:
     expected = classifier(uint8.astype(np.float32) / 255.0, training=False)
@@ -389,10 +381,9 @@ def test_readme_command_runs_on_the_repository_data(tmp_path):
     pytest.skip("needs TFDS_DATA_DIR with the prepared CIFAR-10")
   argv = [f"--workdir={tmp_path / 'run'}" if a.startswith("--workdir=")
           else a for a in _readme_command()[1:]]
-  result = subprocess.run([sys.executable, "-m", "supcon_tf", *argv],
-                          capture_output=True, text=True, timeout=1200,
-                          check=False, cwd=ROOT,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+  result = conftest.python("-m", "supcon_tf", *argv, timeout=1200,
+                           cwd=conftest.ROOT,
+                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "run" / rundir.REPORT_FILE).read_text())
   assert report["pretrain"]["steps"] == 4

@@ -16,7 +16,6 @@ from supcon_tf import cli
 # Not resolve(): under Bazel the flagfiles are runfiles beside this file.
 EXPERIMENTS = pathlib.Path(__file__).absolute().parent.parent / "experiments"
 FLAGFILES = sorted(EXPERIMENTS.glob("*.cfg"))
-# Where `supcon_tf` is importable from (the repository, or Bazel runfiles).
 
 
 def resolve(flagfile, monkeypatch):
@@ -175,7 +174,7 @@ def test_stage_error_on_an_empty_workdir_is_one_line(tmp_path):
   """TensorFlow is imported (the error is a stage's) and prints nothing."""
   env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
   result = conftest.python("-m", "supcon_tf", "--mode=linear_eval",
-                  f"--workdir={tmp_path}", env=env)
+                           f"--workdir={tmp_path}", env=env)
   assert result.returncode == 1, result.stderr[-3000:]
   assert len(result.stderr.splitlines()) == 1, result.stderr[-3000:]
   assert result.stderr.startswith(

@@ -233,13 +233,14 @@ def assert_unchanged(before, model):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def python(*args, env=None, timeout=120):
+def python(*args, env=None, timeout=120, cwd=None):
   """Runs `python *args` with `supcon_tf` importable; returns the result."""
   env = dict(os.environ if env is None else env, PYTHONPATH=os.pathsep.join(
       [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
                 if p]))
   return subprocess.run([sys.executable, *args], capture_output=True,
-                        text=True, env=env, timeout=timeout, check=False)
+                        text=True, env=env, timeout=timeout, check=False,
+                        cwd=cwd)
 
 
 def tiny_train(method):
@@ -253,14 +254,22 @@ def tiny_train(method):
                                            warmup_epochs=0.0))
 
 
-@pytest.fixture
-def mixed_bfloat16():
-  """The test runs under the mixed_bfloat16 Keras policy, float32 after."""
-  keras.mixed_precision.set_global_policy("mixed_bfloat16")
+@contextlib.contextmanager
+def global_policy(name):
+  """Runs the block under Keras dtype policy `name`, then restores the old."""
+  previous = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy(name)
   try:
     yield
   finally:
-    keras.mixed_precision.set_global_policy("float32")
+    keras.mixed_precision.set_global_policy(previous)
+
+
+@pytest.fixture
+def mixed_bfloat16():
+  """The test runs under the mixed_bfloat16 Keras policy."""
+  with global_policy("mixed_bfloat16"):
+    yield
 
 
 def layers_of(model, cls):

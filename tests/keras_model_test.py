@@ -378,11 +378,8 @@ def test_unsupported_reduction_raises():
 
 @pytest.fixture
 def mixed_float16():
-  keras.mixed_precision.set_global_policy("mixed_float16")
-  try:
+  with conftest.global_policy("mixed_float16"):
     yield
-  finally:
-    keras.mixed_precision.set_global_policy("float32")
 
 
 @pytest.mark.slow

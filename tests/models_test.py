@@ -99,7 +99,8 @@ def test_keras_save_reload_round_trip(tmp_path):
 def test_embed_views_puts_every_view_through_one_batch():
   encoder = models.resnet(18, width=TINY, input_shape=(16, 16, 3))
   head = models.ProjectionHead(kind="linear", output_dim=8)
-  views = tf.constant(conftest.random_images(6, 16, seed=6).reshape(3, 2, 16, 16, 3))
+  views = tf.constant(
+      conftest.random_images(6, 16, seed=6).reshape(3, 2, 16, 16, 3))
   got = models.embed_views(encoder, head, views, training=True)
   assert got.shape == (3, 2, 8) and got.dtype == tf.float32
   # Training-mode batch norm normalises over all six images at once.

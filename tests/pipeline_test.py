@@ -83,8 +83,9 @@ def test_a_longer_rerun_extends_the_run_and_the_report_says_so(tmp_path):
   workdir = str(tmp_path / "run")
   linear = config_lib.LinearEvalConfig(epochs=1, batch_size=8)
   with conftest.mock_tfds(tmp_path, num_examples=16, num_train=20):
-    first = pipeline.run("pretrain", workdir, train=conftest.tiny_train("supcon"),
-                         linear=linear, verbose=False)
+    first = pipeline.run("pretrain", workdir,
+                         train=conftest.tiny_train("supcon"), linear=linear,
+                         verbose=False)
     longer = dataclasses.replace(conftest.tiny_train("supcon"), steps=3)
     report = pipeline.run("pretrain", workdir, train=longer, linear=linear,
                           verbose=False)

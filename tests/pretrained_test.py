@@ -18,7 +18,8 @@ from supcon_tf import rundir
 
 def test_contrastive_runs_have_no_ce_head(tmp_path):
   with pytest.raises(ValueError, match="only method='ce'"):
-    pretrained.restore_ce_model(str(tmp_path), conftest.tiny_train("supcon"), 10)
+    pretrained.restore_ce_model(str(tmp_path), conftest.tiny_train("supcon"),
+                                10)
   with pytest.raises(ValueError, match="no projection head"):
     pretrained.restore_projection(str(tmp_path), conftest.tiny_train("ce"))
 

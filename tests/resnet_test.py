@@ -74,7 +74,8 @@ def test_layer_counts(depth):
   convs = conftest.layers_of(model, keras.layers.Conv2D)
   projections = 3 if depth in (18, 34) else 4
   assert len(convs) == depth - 1 + projections
-  assert len(conftest.layers_of(model, keras.layers.BatchNormalization)) == len(convs)
+  bns = conftest.layers_of(model, keras.layers.BatchNormalization)
+  assert len(bns) == len(convs)
   assert model.output.shape[-1] == models.representation_dim(depth, TINY)
 
 
@@ -126,9 +127,7 @@ def test_sync_batch_norm_reaches_every_layer(sync):
 
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16"])
 def test_fused_batch_norm_matches_keras(precision):
-  previous = keras.mixed_precision.global_policy()
-  keras.mixed_precision.set_global_policy(precision)
-  try:
+  with conftest.global_policy(precision):
     x = np.random.default_rng(0).normal(
         1.0, 2.0, (4, 5, 5, 6)).astype("float32")
     fused = importlib.import_module(
@@ -150,8 +149,6 @@ def test_fused_batch_norm_matches_keras(precision):
     np.testing.assert_allclose(np.asarray(fused(x, training=False), "float32"),
                                np.asarray(plain(x, training=False), "float32"),
                                atol=tol)
-  finally:
-    keras.mixed_precision.set_global_policy(previous)
 
 
 @pytest.mark.parametrize("depth", [19, 0, "50"])
@@ -252,8 +249,9 @@ def test_zero_init_residual_starts_blocks_as_the_identity(zero_init):
   probe = keras.Model(model.input,
                       [model.get_layer("stage1_block1_out").output,
                        model.get_layer("stage1_block2_out").output])
-  block_in, block_out = (np.asarray(t) for t in probe(conftest.random_images(2, 16),
-                                                      training=False))
+  block_in, block_out = (
+      np.asarray(t) for t in probe(conftest.random_images(2, 16),
+                                   training=False))
   if zero_init:
     np.testing.assert_array_equal(block_out, block_in)
   else:

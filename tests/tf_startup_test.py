@@ -8,8 +8,6 @@ import pytest
 import conftest
 from supcon_tf import tf_startup
 
-# Where `supcon_tf` is importable from (the repository, or Bazel runfiles).
-
 
 def test_startup_noise_is_dropped_and_other_lines_kept():
   env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
@@ -60,9 +58,10 @@ def test_tensorflow_notices_are_startup_noise():
 
 
 def test_module_does_not_import_tensorflow():
-  result = conftest.python("-c", "import sys\nfrom supcon_tf import tf_startup\n"
-                  "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-                  "('tensorflow', 'keras')))")
+  result = conftest.python(
+      "-c", "import sys\nfrom supcon_tf import tf_startup\n"
+      "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+      "('tensorflow', 'keras')))")
   assert result.returncode == 0, result.stderr[-3000:]
   assert result.stdout.strip() == "[]", result.stdout
 
