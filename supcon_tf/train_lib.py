@@ -41,6 +41,9 @@ class TrainResult:
   """The end of `pretrain`.
 
   Attributes:
+    images_per_second: samples per second over this call's loops after the
+      first (which traces the step), or of the first when it was the only
+      one; 0 when there was nothing left to train.
     extended_from: the length in steps the work dir's run had before this
       call changed it (`--steps` / `--epochs`), else None.
   """
@@ -325,8 +328,8 @@ def _train_until(trainer, saver, iterator, workdir, step, end, *, verbose):
   bar, and checkpoints every `checkpoint_every` steps and at `end`.
 
   Returns:
-    `(step, loss, images_per_second)` after the last loop (loss NaN and
-    rate 0 when there was nothing left to train).
+    `(step, loss, images_per_second)`: the last loop's step and loss (NaN
+    when there was nothing left to train) and the rate of `TrainResult`.
   """
   config = trainer.config
   writer = (tf.summary.create_file_writer(rundir.run_events_dir(workdir))
@@ -339,6 +342,8 @@ def _train_until(trainer, saver, iterator, workdir, step, end, *, verbose):
   every = max(loop, config.checkpoint_every)
   last_saved, metrics = step, {"loss": float("nan")}
   rate = 0.0
+  # The run's rate leaves out the first loop, which traces the step.
+  steady_samples, steady_seconds, loops_done = 0, 0.0, 0
   while step < end:
     steps = min(loop, end - step)
     start = time.perf_counter()
@@ -348,6 +353,10 @@ def _train_until(trainer, saver, iterator, workdir, step, end, *, verbose):
     _check_finite(trainer, metrics, step, steps, last_saved)
     step += steps
     rate = steps * config.batch_size / elapsed
+    if loops_done:
+      steady_samples += steps * config.batch_size
+      steady_seconds += elapsed
+    loops_done += 1
     with writer.as_default(step=step):
       for name, value in dict(metrics, learning_rate=trainer.learning_rate(),
                               images_per_second=rate).items():
@@ -360,6 +369,8 @@ def _train_until(trainer, saver, iterator, workdir, step, end, *, verbose):
   writer.flush()
   if verbose and step < trainer.total_steps:
     print(flush=True)  # Ends the progress bar, which ends itself at 100 %.
+  if steady_seconds:
+    rate = steady_samples / steady_seconds
   return step, metrics["loss"], rate
 
 

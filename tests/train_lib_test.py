@@ -323,6 +323,23 @@ def test_pretrain_writes_the_health_metrics_the_plots_read(
   assert ((scalars["nn_top1"][1] >= 0) & (scalars["nn_top1"][1] <= 1)).all()
 
 
+def test_run_rate_is_the_mean_of_the_loops_after_the_first(tmp_path):
+  """The reported rate: samples over seconds of every loop but the tracing one.
+
+  Not the last loop's rate, which one slow loop (a checkpoint's disk flush,
+  a neighbour on the machine) would make the whole run's figure.
+  """
+  workdir = rundir.pretrain_dir(str(tmp_path))
+  result = train_lib.pretrain(
+      tiny_config(steps=4, steps_per_loop=1), workdir,
+      dataset_fn=synthetic_dataset_fn, verbose=False)
+  rates = plots.read_scalars(
+      rundir.events_dir(str(tmp_path)))["images_per_second"][1]
+  seconds = (GLOBAL_BATCH / rates[1:]).sum()  # Loops 2-4, one step each.
+  assert result.images_per_second == pytest.approx(
+      3 * GLOBAL_BATCH / seconds, rel=1e-4)
+
+
 def test_resume_with_changed_config_is_refused(tmp_path):
   train_lib.pretrain(tiny_config(steps=2), str(tmp_path),
                      dataset_fn=synthetic_dataset_fn, verbose=False)
