@@ -343,7 +343,7 @@ def _train_until(trainer, saver, iterator, workdir, step, end, *, verbose):
   last_saved, metrics = step, {"loss": float("nan")}
   rate = 0.0
   # The run's rate leaves out the first loop, which traces the step.
-  steady_samples, steady_seconds, loops_done = 0, 0.0, 0
+  steady_samples, steady_seconds, traced = 0, 0.0, False
   while step < end:
     steps = min(loop, end - step)
     start = time.perf_counter()
@@ -353,10 +353,10 @@ def _train_until(trainer, saver, iterator, workdir, step, end, *, verbose):
     _check_finite(trainer, metrics, step, steps, last_saved)
     step += steps
     rate = steps * config.batch_size / elapsed
-    if loops_done:
+    if traced:
       steady_samples += steps * config.batch_size
       steady_seconds += elapsed
-    loops_done += 1
+    traced = True
     with writer.as_default(step=step):
       for name, value in dict(metrics, learning_rate=trainer.learning_rate(),
                               images_per_second=rate).items():
