@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from typing import Callable, Optional
 
 import keras
@@ -34,6 +33,7 @@ from supcon_tf import optimizers
 from supcon_tf import precision
 from supcon_tf import rundir
 from supcon_tf import summaries
+from supcon_tf import train_loop
 
 
 @dataclasses.dataclass
@@ -315,63 +315,10 @@ def pretrain(config: config_lib.TrainConfig, workdir: str,
                       epochs_known=dataset_fn is None,
                       extended_from=extended_from), flush=True)
   end = min(trainer.total_steps, stop_at_step or trainer.total_steps)
-  step, loss, rate = _train_until(trainer, saver, iterator, workdir, step,
-                                  end, verbose=verbose)
+  step, loss, rate = train_loop.train_until(trainer, saver, iterator, workdir,
+                                            step, end, verbose=verbose)
   return TrainResult(step=step, loss=loss, images_per_second=rate,
                      workdir=workdir, extended_from=extended_from)
-
-
-def _train_until(trainer, saver, iterator, workdir, step, end, *, verbose):
-  """Trains from `step` to `end` in loops of `steps_per_loop` steps.
-
-  Writes every loop's metrics as TensorBoard summaries and to the progress
-  bar, and checkpoints every `checkpoint_every` steps and at `end`.
-
-  Returns:
-    `(step, loss, images_per_second)`: the last loop's step and loss (NaN
-    when there was nothing left to train) and the rate of `TrainResult`.
-  """
-  config = trainer.config
-  writer = (tf.summary.create_file_writer(rundir.run_events_dir(workdir))
-            if saver.chief else tf.summary.create_noop_writer())
-  progress = keras.utils.Progbar(trainer.total_steps, verbose=int(verbose),
-                                 stateful_metrics=["loss", "lr", "img/s"],
-                                 unit_name="step")
-  progress.update(step)
-  loop = max(1, config.steps_per_loop)
-  every = max(loop, config.checkpoint_every)
-  last_saved, metrics = step, {"loss": float("nan")}
-  rate = 0.0
-  # The run's rate leaves out the first loop, which traces the step.
-  steady_samples, steady_seconds, traced = 0, 0.0, False
-  while step < end:
-    steps = min(loop, end - step)
-    start = time.perf_counter()
-    metrics = {k: float(v) for k, v in
-               trainer.train_loop(iterator, tf.constant(steps)).items()}
-    elapsed = time.perf_counter() - start
-    _check_finite(trainer, metrics, step, steps, last_saved)
-    step += steps
-    rate = steps * config.batch_size / elapsed
-    if traced:
-      steady_samples += steps * config.batch_size
-      steady_seconds += elapsed
-    traced = True
-    with writer.as_default(step=step):
-      for name, value in dict(metrics, learning_rate=trainer.learning_rate(),
-                              images_per_second=rate).items():
-        tf.summary.scalar(name, value)
-    progress.update(step, [("loss", metrics["loss"]),
-                           ("lr", trainer.learning_rate()), ("img/s", rate)])
-    if step - last_saved >= every or step >= end:
-      saver.save(step)
-      last_saved = step
-  writer.flush()
-  if verbose and step < trainer.total_steps:
-    print(flush=True)  # Ends the progress bar, which ends itself at 100 %.
-  if steady_seconds:
-    rate = steady_samples / steady_seconds
-  return step, metrics["loss"], rate
 
 
 def _input(config: config_lib.TrainConfig, dataset_fn: Optional[Callable]):
@@ -396,24 +343,6 @@ def _input(config: config_lib.TrainConfig, dataset_fn: Optional[Callable]):
   spec = dataset_fn(tf.distribute.InputContext()).element_spec
   return (None, spec[0].shape[2:], config.steps,
           lambda context, skip_batches: dataset_fn(context).skip(skip_batches))
-
-
-def _check_finite(trainer, metrics, step, steps, last_saved) -> None:
-  """TrainingError when a loop's metrics or the weights after it are not finite.
-
-  The metrics come from the weights before each update: an update can
-  still leave inf/NaN weights (or BN statistics) behind a finite loss.
-  """
-  finite_metrics = all(math.isfinite(v) for v in metrics.values())
-  if finite_metrics and bool(trainer.weights_are_finite()):
-    return
-  where = (f"step {step + 1}" if steps == 1 else
-           f"steps {step + 1}..{step + steps}")
-  what = (f"training metrics {metrics}" if not finite_metrics else
-          f"weights (metrics {metrics})")
-  raise rundir.TrainingError(
-      f"Non-finite {what} at {where}; nothing was saved after step "
-      f"{last_saved}. Lower the learning rate or check the inputs.")
 
 
 def _batches_delivered(step: int, context: tf.distribute.InputContext) -> int:

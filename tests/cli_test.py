@@ -12,6 +12,7 @@ import pytest
 
 import conftest
 from supcon_tf import cli
+from supcon_tf import report_table
 
 # Not resolve(): under Bazel the flagfiles are runfiles beside this file.
 EXPERIMENTS = pathlib.Path(__file__).absolute().parent.parent / "experiments"
@@ -272,7 +273,7 @@ REPORT = {
 
 
 def test_summary_table_is_short_and_readable():
-  table = cli.summary_table(REPORT, "/runs/first")
+  table = report_table.summary_table(REPORT, "/runs/first")
   assert table.splitlines() == [
       "pretraining             supcon, 1,400 steps, final loss 4.5679, "
       "1,234 images/s",
@@ -287,11 +288,11 @@ def test_summary_table_is_short_and_readable():
       "SavedModel              /runs/first/export/1",
       "report                  /runs/first/report.json",
   ]
-  with_head = cli.summary_table({"ce_head": {"test_top1": 0.7514}}, "/r")
+  with_head = report_table.summary_table({"ce_head": {"test_top1": 0.7514}}, "/r")
   assert with_head.splitlines()[0] == (
       "CE head top-1  75.1 % test (the network CE trained, beside the linear "
       "probe on its frozen encoder)")
-  only_pretrain = cli.summary_table({"pretrain": REPORT["pretrain"]}, "/r")
+  only_pretrain = report_table.summary_table({"pretrain": REPORT["pretrain"]}, "/r")
   assert len(only_pretrain.splitlines()) == 2
 
 
@@ -320,7 +321,7 @@ def test_report_goes_to_stdout_as_a_table_or_json(tmp_path, monkeypatch,
     assert "(progress)" in err
   else:
     assert out.startswith("pretraining 1,400 steps (progress)\n")
-    assert out.endswith(cli.summary_table(REPORT, str(tmp_path)) + "\n")
+    assert out.endswith(report_table.summary_table(REPORT, str(tmp_path)) + "\n")
     assert "{" not in out
 
 

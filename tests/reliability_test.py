@@ -72,6 +72,7 @@ from supcon_tf import linear_eval
 from supcon_tf import models
 from supcon_tf import pipeline
 from supcon_tf import pretrained
+from supcon_tf import report_table
 from supcon_tf import rundir
 from supcon_tf import train_lib
 
@@ -1090,7 +1091,7 @@ def test_smoke_run_prints_stages_and_a_table(tmp_path):
   ]
   assert (workdir / "retrieval.json").is_file()
   report = json.loads((workdir / "report.json").read_text())
-  table = cli.summary_table(report, str(workdir)).splitlines()
+  table = report_table.summary_table(report, str(workdir)).splitlines()
   assert lines[-len(table) - 1:-1] == [line.strip() for line in table]
   assert report["pretrain"]["steps"] == 4
 
