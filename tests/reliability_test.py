@@ -1084,7 +1084,7 @@ def test_smoke_run_prints_stages_and_a_table(tmp_path):
   assert stages == [
       "pretraining 4 steps (0.1 epochs of 40 steps, batch 16, supcon, "
       "float32); "
-      "warm-up shortened from 20 to 0 steps to fit the run",
+      "warm-up shortened from 192 to 0 steps to fit the run",
       "linear evaluation: 1 learning rate x 1 epoch (batch 256)",
       f"exported to {workdir / 'export' / '1'}",
       "evaluation: k-NN accuracy, retrieval, plots",
