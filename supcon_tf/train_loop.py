@@ -44,10 +44,10 @@ def train_until(trainer, saver, iterator, workdir, step, end, *, verbose):
   progress.update(step)
   loop = max(1, config.steps_per_loop)
   every = max(loop, config.checkpoint_every)
-  last_saved, metrics = step, {"loss": float("nan")}
+  first, last_saved, metrics = step, step, {"loss": float("nan")}
   rate = 0.0
   # The run's rate leaves out the first loop, which traces the step.
-  steady_samples, steady_seconds, traced = 0, 0.0, False
+  steady_samples, steady_seconds = 0, 0.0
   while step < end:
     steps = min(loop, end - step)
     start = time.perf_counter()
@@ -55,18 +55,19 @@ def train_until(trainer, saver, iterator, workdir, step, end, *, verbose):
                trainer.train_loop(iterator, tf.constant(steps)).items()}
     elapsed = time.perf_counter() - start
     check_finite(trainer, metrics, step, steps, last_saved)
-    step += steps
-    rate = steps * config.batch_size / elapsed
-    if traced:
-      steady_samples += steps * config.batch_size
+    samples = steps * config.batch_size
+    rate = samples / elapsed
+    if step > first:
+      steady_samples += samples
       steady_seconds += elapsed
-    traced = True
+    step += steps
+    learning_rate = trainer.learning_rate()
     with writer.as_default(step=step):
-      for name, value in dict(metrics, learning_rate=trainer.learning_rate(),
+      for name, value in dict(metrics, learning_rate=learning_rate,
                               images_per_second=rate).items():
         tf.summary.scalar(name, value)
     progress.update(step, [("loss", metrics["loss"]),
-                           ("lr", trainer.learning_rate()), ("img/s", rate)])
+                           ("lr", learning_rate), ("img/s", rate)])
     if step - last_saved >= every or step >= end:
       saver.save(step)
       last_saved = step
